@@ -1,0 +1,182 @@
+"""The ``vqa`` command line. Producer commands import nothing heavy; worker commands load torch lazily."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from pydantic import ValidationError
+
+from producer.errors import InvalidJob, VQAError
+from producer.settings import Settings
+
+app = typer.Typer(
+    help="Visual question answering over a Celery/Redis queue with LLaVA-NeXT workers. Settings come from VQA_* environment variables.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        _fail(f"invalid VQA_* settings: {exc}", code=2)
+
+
+def _fail(message: str, *, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _client(settings: Settings) -> Any:
+    from producer.client import VQAClient
+
+    return VQAClient(settings)
+
+
+def _print_record(record: Any) -> None:
+    typer.echo(record.model_dump_json(indent=2))
+
+
+@app.command()
+def submit(
+    image: Annotated[str, typer.Option("--image", help="Image URL (http, https or s3://bucket/key).")],
+    question: Annotated[str, typer.Option("--question", help="The question about the image.")],
+    idempotency_key: Annotated[str | None, typer.Option("--idempotency-key", help="Same key, same job id: submitted once.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Answer length cap (default VQA_MAX_NEW_TOKENS).")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait and print the result record; exit 1 if the job failed.")] = False,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds to wait with --wait.")] = None,
+) -> None:
+    """Submit one job; print its id (or, with --wait, its record as JSON)."""
+    settings = _settings()
+    client = _client(settings)
+    try:
+        job_id = client.submit(image, question, idempotency_key=idempotency_key, max_new_tokens=max_new_tokens)
+        if not wait:
+            typer.echo(job_id)
+            return
+        record = client.wait(job_id, timeout=timeout)
+    except InvalidJob as exc:
+        _fail(str(exc), code=2)
+    except TimeoutError as exc:
+        _fail(str(exc))
+    except VQAError as exc:
+        _fail(str(exc))
+    finally:
+        client.close()
+    _print_record(record)
+    if record.status != "succeeded":
+        raise typer.Exit(1)
+
+
+@app.command("submit-many")
+def submit_many(
+    path: Annotated[Path, typer.Argument(help="JSON Lines file: one {\"image_url\", \"question\", ...} object per line; '-' for stdin.")],
+) -> None:
+    """Validate every line, then enqueue them all (nothing is enqueued if any line is invalid). Prints one id per line."""
+    settings = _settings()
+    text = sys.stdin.read() if str(path) == "-" else path.read_text()
+    requests: list[Any] = []
+    problems: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            requests.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            problems.append(f"line {number}: not JSON ({exc.msg})")
+            requests.append(None)
+    if problems:
+        _fail("; ".join(problems), code=2)
+    client = _client(settings)
+    try:
+        ids = client.submit_many(requests)
+    except InvalidJob as exc:
+        _fail(str(exc), code=2)
+    except VQAError as exc:
+        _fail(str(exc))
+    finally:
+        client.close()
+    for job_id in ids:
+        typer.echo(job_id)
+
+
+@app.command()
+def status(job_id: Annotated[str, typer.Argument(help="The job id printed by submit.")]) -> None:
+    """Print the job's Celery state: PENDING, STARTED, SUCCESS or FAILURE."""
+    client = _client(_settings())
+    try:
+        typer.echo(client.status(job_id))
+    except VQAError as exc:
+        _fail(str(exc))
+    finally:
+        client.close()
+
+
+@app.command()
+def result(job_id: Annotated[str, typer.Argument(help="The job id printed by submit.")]) -> None:
+    """Print the job's result record as JSON (exit 3 if it has none yet, 1 if it failed)."""
+    client = _client(_settings())
+    try:
+        record = client.result(job_id)
+    except VQAError as exc:
+        _fail(str(exc))
+    finally:
+        client.close()
+    if record is None:
+        _fail(f"job {job_id} has no record yet", code=3)
+    _print_record(record)
+    if record.status != "succeeded":
+        raise typer.Exit(1)
+
+
+@app.command()
+def worker() -> None:
+    """Run a worker: load the model once, then consume and answer jobs in micro-batches until SIGTERM."""
+    settings = _settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from worker.main import run_worker
+
+    try:
+        run_worker(settings)
+    except VQAError as exc:
+        _fail(str(exc))
+
+
+@app.command("make-tiny-model")
+def make_tiny_model(
+    directory: Annotated[Path, typer.Argument(help="Where to save the checkpoint.")],
+    size: Annotated[str, typer.Option(help="tiny (tests, demo) or bench (benchmarks).")] = "tiny",
+    seed: Annotated[int, typer.Option(help="Weights come from this seed.")] = 0,
+) -> None:
+    """Build a small random-weight LLaVA-NeXT checkpoint (real architecture, local tokenizer). Its answers are random text."""
+    from worker.tiny_model import build_tiny_model
+
+    if size not in ("tiny", "bench"):
+        _fail("--size must be tiny or bench", code=2)
+    path = build_tiny_model(directory, size=size, seed=seed)  # type: ignore[arg-type]
+    typer.echo(str(path))
+
+
+@app.command()
+def demo(
+    jobs: Annotated[int, typer.Option(help="How many jobs to submit.")] = 8,
+) -> None:
+    """Run the whole pipeline on this machine: private Redis, S3 API server, image server, one worker, a few jobs."""
+    from worker.demo import run_demo
+
+    raise typer.Exit(run_demo(_settings(), jobs=jobs))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

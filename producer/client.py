@@ -1,0 +1,244 @@
+"""The producer API: submit jobs, wait for them, read their records."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import boto3
+import redis
+from botocore.exceptions import BotoCoreError, ClientError
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeout
+from kombu.exceptions import OperationalError
+
+from producer import keys
+from producer.celery_app import make_celery
+from producer.errors import BackendUnavailable, InvalidJob, JobFailed, StorageUnavailable
+from producer.schema import GenerationSettings, Job, Record, derive_job_id, utcnow
+from producer.settings import Settings
+
+# A queued-but-unfinished job is not enqueued again for this long.
+_SUBMITTED_TTL_FLOOR_S = 3600
+
+
+class VQAClient:
+    """Submit visual questions and collect answers.
+
+    >>> client = VQAClient(Settings())
+    >>> job_id = client.submit("https://example.com/cat.jpg", "What animal is this?")
+    >>> record = client.wait(job_id, timeout=60)
+    """
+
+    def __init__(self, settings: Settings | None = None, *, app: Celery | None = None) -> None:
+        self.settings = settings or Settings()
+        self.app = app or make_celery(self.settings)
+        self._redis = redis.Redis.from_url(self.settings.broker_url, socket_connect_timeout=5, socket_timeout=30)
+        self._s3: Any = None
+
+    # -- building ---------------------------------------------------------------------------
+
+    def build_job(
+        self,
+        image_url: str,
+        question: str,
+        *,
+        idempotency_key: str | None = None,
+        max_new_tokens: int | None = None,
+        generation: GenerationSettings | Mapping[str, Any] | None = None,
+    ) -> Job:
+        """Validate one job with the shared model; raise :class:`InvalidJob` before anything is sent."""
+        try:
+            gen = _generation(generation, max_new_tokens, self.settings.max_new_tokens)
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            raise InvalidJob(f"generation: {exc}") from exc
+        payload = {
+            "image_url": image_url,
+            "question": question,
+            "model": self.settings.model,
+            "generation": gen,
+            "idempotency_key": idempotency_key,
+            "submitted_at": utcnow(),
+            "job_id": "pending",
+        }
+        job = Job.decode(payload)  # validates URL, question, lengths
+        job_id = derive_job_id(
+            image_url=job.image_url,
+            question=job.question,
+            model=job.model,
+            generation=job.generation,
+            idempotency_key=idempotency_key,
+        )
+        return job.model_copy(update={"job_id": job_id})
+
+    # -- submitting -------------------------------------------------------------------------
+
+    def submit(self, image_url: str, question: str, **options: Any) -> str:
+        """Enqueue one job and return its id at once. Re-submitting the same job returns the same id."""
+        return self.submit_jobs([self.build_job(image_url, question, **options)])[0]
+
+    def submit_many(self, requests: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Validate every request first; enqueue only if all are valid.
+
+        Each request is a mapping with ``image_url``, ``question`` and optionally
+        ``idempotency_key``, ``max_new_tokens``, ``generation``. On any invalid one,
+        :class:`InvalidJob` lists every bad line (1-based) and nothing is enqueued.
+        """
+        jobs: list[Job] = []
+        problems: list[str] = []
+        for line, request in enumerate(requests, start=1):
+            try:
+                jobs.append(self.build_job(**_request_kwargs(request)))
+            except (InvalidJob, TypeError) as exc:
+                problems.append(f"line {line}: {exc}")
+        if problems:
+            raise InvalidJob("; ".join(problems))
+        return self.submit_jobs(jobs)
+
+    def submit_jobs(self, jobs: list[Job]) -> list[str]:
+        """Enqueue already-built jobs, skipping those that are finished or already queued."""
+        if not jobs:
+            return []
+        fresh = self._claim_unqueued(jobs)
+        if fresh:
+            self._publish(fresh)
+        return [job.job_id for job in jobs]
+
+    def _claim_unqueued(self, jobs: list[Job]) -> list[Job]:
+        """Keep the jobs that have no success record and are not queued yet; mark them queued."""
+        ttl = max(_SUBMITTED_TTL_FLOOR_S, 2 * self.settings.visibility_timeout)
+        unique = list({job.job_id: job for job in jobs}.values())
+        try:
+            done = self._succeeded_ids([job.job_id for job in unique])
+            pipe = self._redis.pipeline(transaction=False)
+            candidates = [job for job in unique if job.job_id not in done]
+            for job in candidates:
+                pipe.set(keys.submitted_key(job.job_id), "1", nx=True, ex=ttl)
+            claimed = pipe.execute()
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"cannot reach Redis to submit jobs: {type(exc).__name__}") from exc
+        return [job for job, ok in zip(candidates, claimed, strict=True) if ok]
+
+    def _succeeded_ids(self, job_ids: list[str]) -> set[str]:
+        backend = self.app.backend
+        raw = backend.client.mget([backend.get_key_for_task(job_id) for job_id in job_ids])
+        done = set()
+        for job_id, value in zip(job_ids, raw, strict=True):
+            if value and json.loads(value).get("status") == "SUCCESS":
+                done.add(job_id)
+        return done
+
+    def _publish(self, jobs: list[Job]) -> None:
+        try:
+            with self.app.producer_or_acquire() as producer:
+                for job in jobs:
+                    self.app.send_task(
+                        keys.TASK_NAME,
+                        kwargs={"job": job.model_dump(mode="json")},
+                        task_id=job.job_id,
+                        queue=self.settings.queue,
+                        producer=producer,
+                    )
+        except OperationalError as exc:
+            # Not enqueued: free the claims so a retry of the submission goes through.
+            self._redis.delete(*(keys.submitted_key(job.job_id) for job in jobs))
+            raise BackendUnavailable(f"cannot publish to the broker: {exc}") from exc
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def status(self, job_id: str) -> str:
+        """Celery state: PENDING (unknown or queued), STARTED, SUCCESS or FAILURE."""
+        try:
+            return str(self.app.AsyncResult(job_id).state)
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"cannot reach the result backend: {type(exc).__name__}") from exc
+
+    def result(self, job_id: str) -> Record | None:
+        """The job's record: from S3 (authoritative), else from the result backend; None if not finished."""
+        record = self._record_from_s3(job_id)
+        return record if record is not None else self._record_from_backend(job_id)
+
+    def wait(self, job_id: str, *, timeout: float | None = None, poll_s: float = 0.2) -> Record:
+        """Block until the job has a record. A failed job returns its failed record (status ``failed``)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        result = self.app.AsyncResult(job_id)
+        try:
+            result.get(timeout=timeout, interval=poll_s, propagate=False)
+        except CeleryTimeout as exc:
+            raise TimeoutError(f"job {job_id} did not finish within {timeout} s") from exc
+        while True:
+            record = self._record_from_backend(job_id) or self._record_from_s3(job_id)
+            if record is not None:
+                return record
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
+            time.sleep(poll_s)
+
+    def _record_from_backend(self, job_id: str) -> Record | None:
+        try:
+            meta = self.app.backend.get_task_meta(job_id)
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"cannot reach the result backend: {type(exc).__name__}") from exc
+        value = meta.get("result")
+        if meta.get("status") == "SUCCESS" and isinstance(value, dict):
+            return Record.model_validate(value)
+        if meta.get("status") == "FAILURE" and isinstance(value, JobFailed):
+            return Record.model_validate(value.record)
+        return None
+
+    def _record_from_s3(self, job_id: str) -> Record | None:
+        s3 = self._s3_client()
+        for key in (keys.result_key(self.settings.s3_prefix, job_id), keys.failed_key(self.settings.s3_prefix, job_id)):
+            try:
+                body = s3.get_object(Bucket=self.settings.s3_bucket, Key=key)["Body"].read()
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
+                    continue
+                raise StorageUnavailable(f"S3 read of {key} failed: {exc.response['Error'].get('Code')}") from exc
+            except BotoCoreError as exc:
+                raise StorageUnavailable(f"S3 read of {key} failed: {type(exc).__name__}") from exc
+            return Record.model_validate_json(body)
+        return None
+
+    def _s3_client(self) -> Any:
+        if self._s3 is None:
+            self._s3 = boto3.client("s3", endpoint_url=self.settings.s3_endpoint_url)
+        return self._s3
+
+    def close(self) -> None:
+        self._redis.close()
+        self.app.close()
+
+    def __enter__(self) -> VQAClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _generation(
+    generation: GenerationSettings | Mapping[str, Any] | None, max_new_tokens: int | None, default_max_new_tokens: int
+) -> GenerationSettings:
+    if isinstance(generation, GenerationSettings):
+        values = generation.model_dump()
+    else:
+        values = dict(generation or {})
+        values.setdefault("max_new_tokens", default_max_new_tokens)
+    if max_new_tokens is not None:
+        values["max_new_tokens"] = max_new_tokens
+    return GenerationSettings.model_validate(values)
+
+
+def _request_kwargs(request: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(request, Mapping):
+        raise InvalidJob("each request must be an object with image_url and question")
+    allowed = {"image_url", "question", "idempotency_key", "max_new_tokens", "generation"}
+    unknown = set(request) - allowed
+    if unknown:
+        raise InvalidJob(f"unknown fields: {', '.join(sorted(unknown))}")
+    missing = {"image_url", "question"} - set(request)
+    if missing:
+        raise InvalidJob(f"missing fields: {', '.join(sorted(missing))}")
+    return dict(request)

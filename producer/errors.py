@@ -1,0 +1,114 @@
+"""One error tree for the whole system.
+
+    VQAError                      root: catch this to catch everything of ours
+    ├── TransientError            retryable: try the same job again later
+    │   ├── FetchTimeout          image host too slow              (timeout)
+    │   ├── UpstreamUnavailable   image host 5xx / connection reset (http_status, connection_failed)
+    │   ├── StorageUnavailable    S3 5xx, timeouts, refused         (storage_unavailable)
+    │   ├── BackendUnavailable    Redis / result backend down       (backend_unavailable)
+    │   └── OutOfMemory           CUDA/CPU OOM during generate      (out_of_memory)
+    ├── PermanentError            not retryable: a failed record at once
+    │   ├── InvalidJob            fails validation                  (invalid_job)
+    │   ├── ImageRejected         the image or its URL is refused   (blocked_address, too_large,
+    │   │                         not_an_image, unsupported_format, image_too_many_pixels,
+    │   │                         http_status, bad_scheme, too_many_redirects)
+    │   ├── ModelLoadError        the checkpoint cannot be loaded   (model_load)
+    │   └── PoisonJob             delivered too often without finishing (poison)
+    └── JobFailed                 raised to producers when a job ended in a failed record
+
+The retry decision is one ``isinstance(exc, TransientError)``. Third-party errors
+(botocore, redis, the HTTP client, Pillow, torch) are translated where they enter,
+with ``raise Ours(...) from exc``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class VQAError(Exception):
+    """Root of every error this project raises."""
+
+    code: str = "error"
+    retryable: bool = False
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep ``code`` when the error crosses a process boundary.
+        return (_rebuild, (type(self), self.message, self.code))
+
+
+def _rebuild(cls: type[VQAError], message: str, code: str) -> VQAError:
+    return cls(message, code=code)
+
+
+class TransientError(VQAError):
+    """Worth retrying: the same job may succeed later."""
+
+    retryable = True
+    code = "transient"
+
+
+class FetchTimeout(TransientError):
+    code = "timeout"
+
+
+class UpstreamUnavailable(TransientError):
+    code = "connection_failed"
+
+
+class StorageUnavailable(TransientError):
+    code = "storage_unavailable"
+
+
+class BackendUnavailable(TransientError):
+    code = "backend_unavailable"
+
+
+class OutOfMemory(TransientError):
+    code = "out_of_memory"
+
+
+class PermanentError(VQAError):
+    """Retrying cannot help: the job ends in a failed record at once."""
+
+    code = "permanent"
+
+
+class InvalidJob(PermanentError):
+    code = "invalid_job"
+
+
+class ImageRejected(PermanentError):
+    code = "image_rejected"
+
+
+class ModelLoadError(PermanentError):
+    code = "model_load"
+
+
+class PoisonJob(PermanentError):
+    code = "poison"
+
+
+class JobFailed(VQAError):
+    """The job finished with a failed record; ``record`` holds it as a dict.
+
+    This is what the Celery result backend stores for a failed job (state FAILURE), so
+    ``AsyncResult(job_id).get()`` raises it. Its args stay JSON-serialisable for that reason.
+    """
+
+    code = "job_failed"
+
+    def __init__(self, message: str, record: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.record = record or {}
+        self.args = (message, self.record)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message, self.record))

@@ -1,0 +1,85 @@
+"""The one settings object. Built once at process start and passed in; nothing reads the environment elsewhere."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+class Settings(BaseSettings):
+    """Every knob of producers and workers. Environment prefix ``VQA_``; AWS credentials come from the standard AWS sources."""
+
+    model_config = SettingsConfigDict(env_prefix="VQA_", extra="ignore", frozen=True)
+
+    # Transport
+    broker_url: str = "redis://localhost:6379/0"
+    result_backend: str = "redis://localhost:6379/0"
+    queue: str = "vqa"
+    # Seconds a delivered but unacknowledged message may stay out before Redis hands it to
+    # another worker. Must exceed max_batch_delay + the longest batch + the prefetch backlog;
+    # see docs/reliability.md.
+    visibility_timeout: int = Field(default=1800, ge=5)
+
+    # Storage
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "vqa-results"
+    s3_prefix: str = ""
+
+    # Model
+    model: str = DEFAULT_MODEL
+    quantization: Literal["nf4", "int8", "none"] = "nf4"
+    device: str = "auto"
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+
+    # Batching
+    max_batch_size: int = Field(default=8, ge=1, le=256)
+    max_batch_delay_ms: int = Field(default=100, ge=0)
+    max_new_tokens: int = Field(default=100, ge=1, le=2048)
+
+    # Retries
+    max_attempts: int = Field(default=3, ge=1)
+    max_deliveries: int = Field(default=3, ge=1)
+
+    # Input safety: explicit exceptions to the private-network block (host, host:port or CIDR).
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    fetch_timeout_s: float = Field(default=10.0, gt=0)
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+
+    # Worker process
+    worker_name: str | None = None  # defaults to host:pid
+    fetch_concurrency: int = Field(default=8, ge=1, le=128)
+    shutdown_grace_s: float = Field(default=60.0, ge=0)
+    metrics_port: int | None = None  # Prometheus endpoint; off when unset
+
+    # Test-only fault hook, off by default: a batch larger than this raises out-of-memory.
+    fault_oom_above_batch: int = Field(default=0, ge=0)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_hosts(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if "/" in entry:
+                ipaddress.ip_network(entry, strict=False)  # raises ValueError on nonsense
+        return value

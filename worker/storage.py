@@ -1,0 +1,164 @@
+"""Where records go: S3 (authoritative, write-once per job) and the Celery result backend."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import boto3
+import redis
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from celery import Celery
+from kombu.exceptions import OperationalError
+
+from producer import keys
+from producer.errors import BackendUnavailable, JobFailed, StorageUnavailable
+from producer.schema import Record
+from producer.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+_CONDITION_FAILED = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+_CONDITION_UNSUPPORTED = {"NotImplemented", "501"}
+
+
+def make_s3_client(settings: Settings) -> Any:
+    """One boto3 client; credentials from the standard AWS sources, short timeouts so outages surface."""
+    config = Config(connect_timeout=5, read_timeout=30, retries={"mode": "standard", "max_attempts": 3})
+    return boto3.client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
+
+
+class RecordStore:
+    """Writes each job's record once to S3 and mirrors it into the result backend.
+
+    Success records are created with ``If-None-Match: *`` so a redelivered or duplicate job
+    never overwrites the first answer; where the endpoint cannot do conditional writes, a
+    checked create (HEAD, then PUT) is used instead.
+    """
+
+    def __init__(self, settings: Settings, *, s3_client: Any, app: Celery) -> None:
+        self.bucket = settings.s3_bucket
+        self.prefix = settings.s3_prefix
+        self.s3 = s3_client
+        self.app = app
+        self._conditional_puts = True
+
+    # -- S3 ---------------------------------------------------------------------------------
+
+    def existing(self, job_id: str) -> Record | None:
+        """The job's success record if one was already written."""
+        body = self._get(keys.result_key(self.prefix, job_id))
+        return None if body is None else Record.model_validate_json(body)
+
+    def write(self, record: Record) -> Record:
+        """Write the record; return the record that S3 now holds for the job (the first one wins)."""
+        body = record.model_dump_json().encode()
+        if record.status == "failed":
+            self._put(keys.failed_key(self.prefix, record.job_id), body)
+            return record
+        key = keys.result_key(self.prefix, record.job_id)
+        if not self._create(key, body):
+            winner = self.existing(record.job_id)
+            if winner is not None:
+                log.info("job %s already had a record; keeping the first", record.job_id)
+                return winner
+        self._delete_quietly(keys.failed_key(self.prefix, record.job_id))
+        return record
+
+    def _create(self, key: str, body: bytes) -> bool:
+        """Create ``key`` unless it exists. False when it already existed."""
+        if self._conditional_puts:
+            try:
+                self._call("put_object", Bucket=self.bucket, Key=key, Body=body, ContentType="application/json", IfNoneMatch="*")
+                return True
+            except _ConditionFailed:
+                return False
+            except _ConditionUnsupported:
+                log.warning("S3 endpoint does not support If-None-Match; falling back to a checked create")
+                self._conditional_puts = False
+        if self._get(key) is not None:
+            return False
+        self._put(key, body)
+        return True
+
+    def _put(self, key: str, body: bytes) -> None:
+        self._call("put_object", Bucket=self.bucket, Key=key, Body=body, ContentType="application/json")
+
+    def _get(self, key: str) -> bytes | None:
+        try:
+            response = self._call("get_object", Bucket=self.bucket, Key=key)
+            return response["Body"].read()
+        except _Missing:
+            return None
+
+    def _delete_quietly(self, key: str) -> None:
+        try:
+            self._call("delete_object", Bucket=self.bucket, Key=key)
+        except StorageUnavailable:
+            log.warning("could not delete stale %s; the success record stands", key)
+
+    def _call(self, operation: str, **params: Any) -> Any:
+        """Every S3 call goes through here so botocore errors are translated in one place."""
+        try:
+            return getattr(self.s3, operation)(**params)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in _MISSING:
+                raise _Missing() from exc
+            if code in _CONDITION_FAILED or status == 412:
+                raise _ConditionFailed() from exc
+            if code in _CONDITION_UNSUPPORTED:
+                raise _ConditionUnsupported() from exc
+            raise StorageUnavailable(f"S3 {operation} failed: {code or status}") from exc
+        except BotoCoreError as exc:
+            raise StorageUnavailable(f"S3 {operation} failed: {type(exc).__name__}") from exc
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it is missing (handy for MinIO and tests; on AWS it usually exists)."""
+        try:
+            self._call("head_bucket", Bucket=self.bucket)
+        except (_Missing, StorageUnavailable):
+            try:
+                self._call("create_bucket", Bucket=self.bucket)
+            except StorageUnavailable as exc:
+                if "BucketAlreadyOwnedByYou" not in str(exc):
+                    raise
+
+    # -- result backend ---------------------------------------------------------------------
+
+    def publish(self, record: Record) -> None:
+        """Mirror the record into the Celery result backend so ``AsyncResult(job_id)`` sees it."""
+        if record.status == "succeeded":
+            value: Any = record.model_dump(mode="json")
+            state = "SUCCESS"
+        else:
+            error = record.error
+            message = f"{error.code}: {error.message}" if error else "failed"
+            value = JobFailed(message, record.model_dump(mode="json"))
+            state = "FAILURE"
+        self._backend_call(self.app.backend.store_result, record.job_id, value, state)
+
+    def mark_started(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            self._backend_call(self.app.backend.store_result, job_id, None, "STARTED")
+
+    def _backend_call(self, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except (redis.RedisError, OperationalError, OSError) as exc:
+            raise BackendUnavailable(f"result backend write failed: {type(exc).__name__}") from exc
+
+
+class _Missing(Exception):
+    pass
+
+
+class _ConditionFailed(Exception):
+    pass
+
+
+class _ConditionUnsupported(Exception):
+    pass
