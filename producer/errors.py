@@ -11,7 +11,8 @@
     │   ├── InvalidJob            fails validation                  (invalid_job)
     │   ├── ImageRejected         the image or its URL is refused   (blocked_address, too_large,
     │   │                         not_an_image, unsupported_format, image_too_many_pixels,
-    │   │                         http_status, bad_scheme, too_many_redirects)
+    │   │                         corrupt_image, http_status, bad_scheme, bad_url,
+    │   │                         unknown_host, tls_error, too_many_redirects)
     │   ├── ModelLoadError        the checkpoint cannot be loaded   (model_load)
     │   └── PoisonJob             delivered too often without finishing (poison)
     └── JobFailed                 raised to producers when a job ended in a failed record

@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     # Batching
     max_batch_size: int = Field(default=8, ge=1, le=256)
     max_batch_delay_ms: int = Field(default=100, ge=0)
+    # Padding-aware batching: at most this many prompt tokens per batch counted with padding
+    # (batch size x longest prompt); jobs of similar image-token counts are batched together.
+    # 0 = off (first come, first served). See worker/batching.py.
+    max_batch_tokens: int = Field(default=0, ge=0)
     max_new_tokens: int = Field(default=100, ge=1, le=2048)
 
     # Retries
@@ -52,6 +56,11 @@ class Settings(BaseSettings):
     fetch_timeout_s: float = Field(default=10.0, gt=0)
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
+    fetch_connect_timeout_s: float = Field(default=5.0, gt=0)
+    fetch_max_redirects: int = Field(default=5, ge=0, le=20)
+    fetch_ca_bundle: str | None = None  # CA bundle for https; unset = system trust store
+    image_formats: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["JPEG", "PNG", "GIF", "WEBP", "BMP"])
+    image_s3_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)  # s3:// buckets workers may read
 
     # Worker process
     worker_name: str | None = None  # defaults to host:pid
@@ -69,7 +78,7 @@ class Settings(BaseSettings):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return value
 
-    @field_validator("allowed_hosts", mode="before")
+    @field_validator("allowed_hosts", "image_formats", "image_s3_buckets", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):

@@ -1,0 +1,296 @@
+"""Move an image's bytes: one http(s) or S3 fetch under a total deadline and a byte cap.
+
+HTTP goes through urllib3's ``HTTPConnection`` pointed at an address that
+:mod:`worker.netguard` vetted, with the original ``Host`` header and, for https, the
+original name for SNI and certificate checks. Redirects are followed by hand so every hop
+is parsed, resolved and vetted again. The body is read in chunks and dropped at the cap,
+so memory stays at most ``max_bytes`` whatever the server sends. urllib3, http.client,
+ssl and botocore errors are translated here into :mod:`producer.errors`.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from http.client import HTTPException
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urljoin
+
+import urllib3.exceptions
+from botocore.exceptions import BotoCoreError, ClientError
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.util.ssl_match_hostname import CertificateError
+
+from producer.errors import FetchTimeout, ImageRejected, StorageUnavailable, UpstreamUnavailable, VQAError
+from worker import netguard
+from worker.netguard import IPAddress, Target, show
+
+if TYPE_CHECKING:
+    from worker.images import FetchPolicy
+
+_CHUNK = 64 * 1024
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# Client-error statuses that still mean "the same request may work later".
+_RETRYABLE_4XX = frozenset({408, 425, 429})
+_TRANSPORT_ERRORS = (OSError, HTTPException, urllib3.exceptions.HTTPError, CertificateError)
+
+
+@dataclass(frozen=True)
+class _Redirect:
+    location: str
+
+
+def fetch_http(url: str, policy: FetchPolicy, *, deadline: float) -> bytes:
+    """GET ``url``, following at most ``policy.max_redirects`` vetted redirects, before ``deadline``."""
+    current = url
+    for _hop in range(policy.max_redirects + 1):
+        target = netguard.parse_http_url(current)
+        addresses = netguard.vet(target, policy.host_rules, timeout=_remaining(deadline, current, policy))
+        outcome = _exchange(target, addresses, policy, deadline, url=current)
+        if isinstance(outcome, bytes):
+            return outcome
+        current = urljoin(current, outcome.location)
+    raise ImageRejected(
+        f"image URL {show(url)!r} redirected more than {policy.max_redirects} times", code="too_many_redirects"
+    )
+
+
+def _remaining(deadline: float, url: str, policy: FetchPolicy) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise _timeout(url, policy)
+    return left
+
+
+def _timeout(url: str, policy: FetchPolicy) -> FetchTimeout:
+    return FetchTimeout(f"fetching {show(url)} took longer than {policy.total_timeout_s:g}s", code="timeout")
+
+
+def _exchange(
+    target: Target, addresses: list[IPAddress], policy: FetchPolicy, deadline: float, *, url: str
+) -> bytes | _Redirect:
+    """One request/response with the first vetted address that accepts a connection."""
+    failure: Exception | None = None
+    for ip in addresses:
+        left = _remaining(deadline, url, policy)
+        conn = _connection(target, ip, policy, timeout=min(policy.connect_timeout_s, left))
+        try:
+            # The watchdog is disarmed before any close, so it never shuts a reused descriptor.
+            with _Watchdog(conn, deadline) as watchdog:
+                try:
+                    try:
+                        conn.connect()
+                    except _TRANSPORT_ERRORS as exc:
+                        if watchdog.expired or _is_certificate_error(exc):
+                            raise
+                        failure = exc  # refused/unreachable: the host's next address may answer
+                        continue
+                    watchdog.pin(conn.sock)
+                    return _talk(conn, target, policy, watchdog, url=url)
+                except VQAError:
+                    raise
+                except _TRANSPORT_ERRORS as exc:
+                    raise _translate(exc, expired=watchdog.expired, url=url, policy=policy) from exc
+        finally:
+            conn.close()
+    assert failure is not None  # vet() never returns an empty list
+    raise _translate(failure, expired=False, url=url, policy=policy) from failure
+
+
+def _connection(target: Target, ip: IPAddress, policy: FetchPolicy, *, timeout: float) -> HTTPConnection:
+    # Connect to the vetted address itself: no second DNS lookup that could answer differently.
+    if target.scheme == "https":
+        return HTTPSConnection(
+            str(ip),
+            target.port,
+            timeout=timeout,
+            server_hostname=target.host,  # SNI and the name the certificate must match
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=policy.ca_bundle,
+        )
+    return HTTPConnection(str(ip), target.port, timeout=timeout)
+
+
+def _talk(conn: HTTPConnection, target: Target, policy: FetchPolicy, watchdog: _Watchdog, *, url: str) -> bytes | _Redirect:
+    # Per-recv timeout; the watchdog bounds their sum.
+    conn.timeout = max(watchdog.remaining(), 0.001)
+    conn.request(
+        "GET",
+        target.request_target,
+        headers={
+            "Host": target.host_header,
+            "User-Agent": policy.user_agent,
+            "Accept": "image/*",
+            # Compressed bodies would expand past the byte cap after it was checked.
+            "Accept-Encoding": "identity",
+        },
+        preload_content=False,
+        decode_content=False,
+    )
+    response = conn.getresponse()
+    try:
+        status = response.status
+        if status in _REDIRECTS:
+            location = response.headers.get("Location")
+            if not location:
+                raise ImageRejected(f"image host answered HTTP {status} without a Location for {show(url)}", code="http_status")
+            return _Redirect(location)
+        if status >= 500 or status in _RETRYABLE_4XX:
+            raise UpstreamUnavailable(f"image host answered HTTP {status} for {show(url)}; try again later", code="http_status")
+        if not 200 <= status < 300:
+            raise ImageRejected(f"image host answered HTTP {status} {response.reason} for {show(url)}", code="http_status")
+        declared = response.length_remaining
+        if declared is not None and declared > policy.max_bytes:
+            raise _too_large(url, policy, declared=declared)
+        body = bytearray()
+        while chunk := response.read(_CHUNK, decode_content=False):
+            body += chunk
+            if len(body) > policy.max_bytes:
+                raise _too_large(url, policy)
+        # A close-delimited body ends with EOF, and so does a socket the watchdog shut.
+        if watchdog.expired:
+            raise _timeout(url, policy)
+        return bytes(body)
+    finally:
+        watchdog.disarm()
+        response.close()
+
+
+def _too_large(url: str, policy: FetchPolicy, *, declared: int | None = None) -> ImageRejected:
+    size = f"{declared:,} bytes" if declared is not None else f"more than {policy.max_bytes:,} bytes"
+    return ImageRejected(
+        f"image at {show(url)} is {size}; the limit is {policy.max_bytes:,} bytes; send a smaller file",
+        code="too_large",
+    )
+
+
+def _is_certificate_error(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (ssl.SSLCertVerificationError, CertificateError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _translate(exc: BaseException, *, expired: bool, url: str, policy: FetchPolicy) -> VQAError:
+    if expired:
+        return _timeout(url, policy)
+    if _is_certificate_error(exc):
+        return ImageRejected(f"the TLS certificate of {show(url)} does not verify: {exc}", code="tls_error")
+    if isinstance(exc, (TimeoutError, urllib3.exceptions.TimeoutError)) and not isinstance(
+        exc, urllib3.exceptions.NewConnectionError
+    ):
+        return FetchTimeout(f"image host did not answer in time for {show(url)}", code="timeout")
+    return UpstreamUnavailable(f"could not fetch {show(url)}: {exc}", code="connection_failed")
+
+
+class _Watchdog:
+    """Shut the connection's socket down at the deadline, so no read or handshake outlives it.
+
+    Socket timeouts bound each recv, not their sum: a server trickling one byte a second
+    never trips them. A shut socket makes every blocked call return at once.
+    """
+
+    def __init__(self, conn: HTTPConnection, deadline: float) -> None:
+        self._conn = conn
+        self._deadline = deadline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vqa-fetch-deadline", daemon=True)
+        self._sock: socket.socket | None = None
+        self.expired = False
+
+    def __enter__(self) -> _Watchdog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.disarm()
+
+    def pin(self, sock: socket.socket) -> None:
+        """Watch ``sock`` from now on: http.client drops ``conn.sock`` once a response says
+        ``Connection: close``, although the response keeps reading from the same socket."""
+        self._sock = sock
+
+    def disarm(self) -> None:
+        """Stop and join the watchdog; call before closing the socket it watches."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def remaining(self) -> float:
+        return self._deadline - time.monotonic()
+
+    def _run(self) -> None:
+        if self._stop.wait(max(self.remaining(), 0.0)):
+            return
+        self.expired = True
+        # Repeat: at the deadline the TCP connect may still be in flight, with no socket yet.
+        while True:
+            sock = self._sock or self._conn.sock
+            if sock is not None:
+                try:
+                    # socket.socket's own shutdown, not SSLSocket's, which would also
+                    # unwrap TLS state the reading thread is using.
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            if self._stop.wait(0.05):
+                return
+
+
+# --------------------------------------------------------------------------- S3
+
+# S3 error codes that mean "try again later" even when the HTTP status says 4xx.
+_S3_TRANSIENT = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling", "ThrottlingException"})
+
+
+def fetch_s3(url: str, policy: FetchPolicy, *, s3_client: Any, deadline: float) -> bytes:
+    """Read ``s3://bucket/key`` (bucket in ``policy.allowed_s3_buckets``) through ``s3_client``."""
+    bucket, key = _parse_s3_url(url)
+    if bucket not in policy.allowed_s3_buckets:
+        raise ImageRejected(f"images cannot be read from S3 bucket {bucket!r}; it is not an image bucket", code="blocked_address")
+    if s3_client is None:
+        raise ImageRejected("s3:// image URLs are not enabled on this worker", code="bad_scheme")
+    where = f"s3://{bucket}/{key}"
+    try:
+        response = s3_client.get_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        code = error.get("Code", "unknown")
+        if code in _S3_TRANSIENT or status >= 500 or status == 429:
+            raise StorageUnavailable(f"S3 could not serve {show(where)} right now ({code})") from exc
+        raise ImageRejected(f"S3 refused {show(where)}: {code} ({error.get('Message', 'no message')})", code="http_status") from exc
+    except BotoCoreError as exc:
+        raise StorageUnavailable(f"S3 is unreachable for {show(where)}: {exc}") from exc
+    body = response["Body"]
+    try:
+        declared = response.get("ContentLength")
+        if declared is not None and declared > policy.max_bytes:
+            raise _too_large(where, policy, declared=declared)
+        data = bytearray()
+        while chunk := body.read(_CHUNK):
+            data += chunk
+            if len(data) > policy.max_bytes:
+                raise _too_large(where, policy)
+            # The S3 endpoint is ours, not an adversary's: a check between chunks suffices.
+            if time.monotonic() > deadline:
+                raise StorageUnavailable(f"reading {show(where)} from S3 took longer than {policy.total_timeout_s:g}s")
+        return bytes(data)
+    except (BotoCoreError, OSError, urllib3.exceptions.HTTPError) as exc:
+        raise StorageUnavailable(f"S3 connection broke while reading {show(where)}: {exc}") from exc
+    finally:
+        body.close()
+
+
+def _parse_s3_url(url: str) -> tuple[str, str]:
+    # Keys are taken verbatim (as the AWS CLI does): "?" and "#" are legal in S3 keys.
+    bucket, _, key = url[len("s3://") :].partition("/")
+    if not bucket or not key or any(ord(ch) < 0x20 or ch == "\x7f" for ch in url):
+        raise ImageRejected(f"image URL {show(url)!r} is not of the form s3://bucket/key", code="bad_url")
+    return bucket, key

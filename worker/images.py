@@ -1,0 +1,295 @@
+"""Fetch an image from an untrusted URL and decode it into one safe RGB picture.
+
+    fetch_image(url, policy)  =  decode_image(fetch_bytes(url, policy), policy)
+
+``fetch_bytes`` speaks http, https (via :mod:`worker.imagefetch`, which connects only to
+addresses vetted by :mod:`worker.netguard`) and ``s3://bucket/key`` for buckets the policy
+lists. ``decode_image`` trusts nothing the server said: the format comes from the magic
+bytes, only an allow-list of formats reaches Pillow, the pixel count is checked from the
+header before any pixel is decoded, and only the first frame of an animation is decoded.
+
+Every refusal is a :class:`producer.errors.ImageRejected` (permanent) or a transient error
+with one of these codes:
+
+    bad_scheme             not http/https/s3, or s3 without a client on this worker
+    bad_url                malformed URL, whitespace/backslash in it, bad host or port
+    unknown_host           DNS says the host does not exist
+    blocked_address        host resolves to an internal address; s3 bucket not allowed
+    too_many_redirects     more than ``max_redirects`` hops
+    http_status            4xx (permanent); 5xx, 408, 429 raise UpstreamUnavailable;
+                           S3 4xx such as NoSuchKey / AccessDenied
+    tls_error              the certificate does not verify for the host name
+    too_large              body or Content-Length above ``max_bytes``
+    not_an_image           empty body, HTML, text, unknown bytes
+    unsupported_format     a recognised format outside ``allowed_formats`` (SVG, PDF, EPS...)
+    image_too_many_pixels  header dimensions above ``max_pixels`` (decompression bombs)
+    corrupt_image          a recognised format Pillow cannot decode (truncated, damaged)
+    timeout                (FetchTimeout) connect or total deadline passed
+    connection_failed      (UpstreamUnavailable) refused, reset, DNS temporarily failing
+    storage_unavailable    (StorageUnavailable) S3 5xx, throttling, unreachable endpoint
+    out_of_memory          (OutOfMemory) MemoryError while decoding an image within the caps
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import struct
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import PIL
+from PIL import Image, ImageOps
+
+from producer.errors import ImageRejected, OutOfMemory, VQAError
+from worker import imagefetch
+from worker.netguard import HostRules
+
+if TYPE_CHECKING:
+    from producer.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Formats an operator may enable. Vector and page formats (SVG, PDF, EPS/PostScript) are
+# absent on purpose: decoding them runs an interpreter (Ghostscript for EPS).
+ENABLEABLE_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"})
+# TIFF stays off by default: libtiff's many codecs are a large surface VQA users rarely need.
+DEFAULT_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP", "BMP"})
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """Limits and exceptions for fetching and decoding user-supplied images."""
+
+    allowed_hosts: tuple[str, ...] = ()
+    connect_timeout_s: float = 5.0
+    total_timeout_s: float = 10.0
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_redirects: int = 5
+    allowed_formats: frozenset[str] = DEFAULT_FORMATS
+    allowed_s3_buckets: frozenset[str] = frozenset()
+    # CA bundle for https; None uses the system trust store.
+    ca_bundle: str | None = None
+    user_agent: str = "vqa-worker/0.1"
+    host_rules: HostRules = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Accept any iterables from callers, but store hashable, immutable values.
+        object.__setattr__(self, "allowed_hosts", tuple(self.allowed_hosts))
+        object.__setattr__(self, "allowed_formats", frozenset(f.upper() for f in self.allowed_formats))
+        object.__setattr__(self, "allowed_s3_buckets", frozenset(self.allowed_s3_buckets))
+        if self.connect_timeout_s <= 0 or self.total_timeout_s <= 0:
+            raise ValueError("fetch timeouts must be positive")
+        if self.max_bytes < 1 or self.max_pixels < 1 or self.max_redirects < 0:
+            raise ValueError("max_bytes and max_pixels must be positive, max_redirects not negative")
+        refused = self.allowed_formats - ENABLEABLE_FORMATS
+        if refused:
+            raise ValueError(f"image formats {sorted(refused)} cannot be enabled; choose from {sorted(ENABLEABLE_FORMATS)}")
+        object.__setattr__(self, "host_rules", HostRules(self.allowed_hosts))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FetchPolicy:
+        return cls(
+            allowed_hosts=tuple(settings.allowed_hosts),
+            connect_timeout_s=settings.fetch_connect_timeout_s,
+            total_timeout_s=settings.fetch_timeout_s,
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+            max_redirects=settings.fetch_max_redirects,
+            allowed_formats=frozenset(settings.image_formats),
+            allowed_s3_buckets=frozenset(settings.image_s3_buckets),
+            ca_bundle=settings.fetch_ca_bundle,
+        )
+
+
+def fetch_image(url: str, policy: FetchPolicy, *, s3_client: Any = None) -> Image.Image:
+    """Fetch ``url`` and return its first frame as an upright RGB image."""
+    return decode_image(fetch_bytes(url, policy, s3_client=s3_client), policy)
+
+
+def fetch_bytes(url: str, policy: FetchPolicy, *, s3_client: Any = None) -> bytes:
+    """Fetch the raw bytes behind ``url`` within the policy's deadline and byte cap."""
+    deadline = time.monotonic() + policy.total_timeout_s
+    if url[:5].lower() == "s3://":
+        return imagefetch.fetch_s3(url, policy, s3_client=s3_client, deadline=deadline)
+    return imagefetch.fetch_http(url, policy, deadline=deadline)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Name the format from the magic bytes (Pillow's names), or None when it is no image we know."""
+    head = data[:32]
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "WEBP"
+    # "BM" alone is two letters of text; require a known DIB header size too.
+    if head.startswith(b"BM") and int.from_bytes(head[14:18], "little") in (12, 40, 52, 56, 64, 108, 124):
+        return "BMP"
+    if head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):
+        return "TIFF"
+    for magic, name in _OTHER_MAGIC:
+        if head.startswith(magic):
+            return name
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in (b"avif", b"avis"):
+            return "AVIF"
+        if brand in (b"heic", b"heix", b"hevc", b"hevx", b"mif1", b"msf1"):
+            return "HEIF"
+    text = data[:4096].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith(b"<") and b"<svg" in text:
+        return "SVG"
+    return None
+
+
+# Recognised only to say precisely what was refused.
+_OTHER_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"%PDF-", "PDF"),
+    (b"%!PS", "EPS"),
+    (b"\xc5\xd0\xd3\xc6", "EPS"),
+    (b"8BPS", "PSD"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"\xff\x4f\xff\x51", "JPEG2000"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG2000"),
+    (b"\xff\x0a", "JPEG XL"),
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEG XL"),
+    (b"qoif", "QOI"),
+    (b"icns", "ICNS"),
+    (b"DDS ", "DDS"),
+)
+
+
+def decode_image(data: bytes, policy: FetchPolicy) -> Image.Image:
+    """Decode ``data`` into an upright RGB image (first frame only), or raise ImageRejected."""
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ImageRejected(_not_an_image(data, policy), code="not_an_image")
+    if fmt not in policy.allowed_formats:
+        raise ImageRejected(
+            f"{fmt} images are not accepted; send one of {_format_list(policy)}", code="unsupported_format"
+        )
+    with _pillow_warnings_contained():
+        try:
+            return _decode(data, fmt, policy)
+        except VQAError:
+            raise
+        except Image.DecompressionBombError as exc:
+            raise ImageRejected(
+                f"the {fmt} image has more than {policy.max_pixels:,} pixels; resize it and try again",
+                code="image_too_many_pixels",
+            ) from exc
+        except MemoryError as exc:
+            raise OutOfMemory(f"ran out of memory decoding a {fmt} image") from exc
+        except _PILLOW_ERRORS as exc:
+            raise ImageRejected(
+                f"the {fmt} image is truncated or corrupt ({str(exc)[:200]}); re-export or re-upload the original",
+                code="corrupt_image",
+            ) from exc
+
+
+# What Pillow's parsers and decoders raise on hostile bytes. The fuzz tests see OSError
+# (UnidentifiedImageError, truncation), ValueError and SyntaxError; the rest are raised by
+# plugin code paths Image.open itself guards against, kept so load() cannot leak them.
+_PILLOW_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    OverflowError,
+    struct.error,
+)
+
+
+def _decode(data: bytes, fmt: str, policy: FetchPolicy) -> Image.Image:
+    # formats=[fmt]: only the plugin the magic bytes chose may parse the data.
+    with Image.open(io.BytesIO(data), formats=[fmt]) as image:
+        width, height = image.size
+        # The header is parsed, no pixel decoded yet: bombs stop here, before allocation.
+        # Pillow's own MAX_IMAGE_PIXELS is a process-wide knob anyone may change.
+        if width * height > policy.max_pixels:
+            raise ImageRejected(
+                f"the {fmt} image is {width}x{height} = {width * height:,} pixels; the limit is "
+                f"{policy.max_pixels:,}; resize it and try again",
+                code="image_too_many_pixels",
+            )
+        image.load()  # the current frame only: frame 0 of an animation
+        upright = ImageOps.exif_transpose(image)
+    return _to_rgb(upright)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        # 16-bit greyscale: a plain convert clips everything above 255 to white.
+        image = image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        # Flatten onto white: whatever colour hides under transparent pixels is noise.
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    return image.convert("RGB")
+
+
+_PIL_DIR = os.path.dirname(PIL.__file__)
+# warnings.catch_warnings swaps process-wide state (Python < 3.14); decodes that overlap in
+# threads would restore each other's filters out of order, so the swap is serialised.
+_WARNINGS_LOCK = threading.Lock()
+
+
+@contextmanager
+def _pillow_warnings_contained() -> Iterator[None]:
+    """Keep Pillow's warnings (corrupt EXIF, malformed MPO, DecompressionBombWarning) in here.
+
+    They describe the untrusted image, not our code: the outcome is already decided by our
+    own checks (pixel cap before decode, a typed error otherwise), so they are logged.
+    """
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        for message in caught:
+            if message.filename.startswith(_PIL_DIR):
+                log.debug("Pillow warning while decoding: %s", message.message)
+            else:
+                # Another thread's warning, caught by accident: hand it back.
+                warnings.warn_explicit(message.message, message.category, message.filename, message.lineno, source=message.source)
+
+
+def _format_list(policy: FetchPolicy) -> str:
+    return ", ".join(sorted(policy.allowed_formats))
+
+
+def _not_an_image(data: bytes, policy: FetchPolicy) -> str:
+    if not data:
+        what = "an empty body"
+    else:
+        text = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+        if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+            what = "an HTML page"
+        elif text.startswith((b"{", b"[")):
+            what = "JSON or text"
+        else:
+            what = f"{len(data):,} bytes of an unknown format"
+    return f"the URL returned {what}, not an image; link directly to a {_format_list(policy)} file"
