@@ -1,0 +1,285 @@
+"""The LLaVA-NeXT model behind the queue: load it once, answer batches of visual questions.
+
+One loading path for the 7B on the hub and for a local directory (the tiny test checkpoint):
+``LlavaNextProcessor`` + ``LlavaNextForConditionalGeneration`` with bitsandbytes quantization.
+Importing this module loads nothing; :meth:`VQAModel.load` does, in the worker's start hook.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import (
+    BitsAndBytesConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+)
+from transformers.utils import is_flash_attn_2_available
+
+from producer.errors import ModelLoadError, OutOfMemory
+from producer.schema import GenerationSettings
+from producer.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# The model card's prompt, used when a checkpoint ships no chat template.
+CARD_TEMPLATE = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions. "
+    "USER: <image>\n{question} ASSISTANT:"
+)
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """One job preprocessed for the model (prompt tokens and image tiles), ready to batch.
+
+    Built by :meth:`VQAModel.prepare` on a fetch thread, so the model thread only pads and
+    stacks. ``num_tokens`` (prompt length, image tokens included) is what padding costs.
+    """
+
+    input_ids: torch.Tensor  # (num_tokens,)
+    pixel_values: torch.Tensor  # (tiles, 3, side, side)
+    image_size: torch.Tensor  # (2,): original height, width
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+# Left padding shifts a prompt right by however much its batch companions need, and attention
+# kernels reduce over keys in vector-width chunks counted from the start of the row: a shift
+# changes the rounding, and a last-bit change can flip a near-tied greedy token (more so in
+# nf4, whose CPU kernel rounds activations to bf16, measured: 1 row in 100 differed). Padding
+# every batch, a batch of one included, to a multiple of 16 keeps every shift a multiple of
+# the vector width: on CPU the prompt pass is then bit-identical whatever the companions (for
+# prompts under the kernels' 512-key tiles). Costs under 16 tokens a row.
+PAD_TO_MULTIPLE_OF = 16
+
+
+class VQAModel:
+    """A loaded processor + model pair that turns (image, question) lists into answers.
+
+    Build it with :meth:`load`. :meth:`generate` runs one batched ``model.generate`` call;
+    with greedy decoding each answer is the one that job would get alone, up to floating-point
+    near-ties (kernels round differently for different batch shapes; see the tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        processor: LlavaNextProcessor,
+        model: LlavaNextForConditionalGeneration,
+        quantization: str,
+        device: str,
+        dtype: torch.dtype,
+    ) -> None:
+        self.name = name
+        self.processor = processor
+        self.model = model
+        self.quantization = quantization
+        self.device = device
+        self.dtype = dtype
+        # Fast tokenizers must not be used from two threads at once: each thread gets a copy.
+        self._local = threading.local()
+        # Prompt tokens the model was given vs. what padding made it compute (model thread only).
+        self.real_tokens = 0
+        self.padded_tokens = 0
+
+    @classmethod
+    def load(cls, settings: Settings) -> VQAModel:
+        """Load ``settings.model`` (hub id or local directory); raise :class:`ModelLoadError` on failure."""
+        device = resolve_device(settings.device)
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelLoadError(f"device {settings.device!r} requested but CUDA is not available")
+        dtype = _compute_dtype(device)
+        attn = _attn_implementation(settings.attn_implementation, device)
+        try:
+            processor = LlavaNextProcessor.from_pretrained(settings.model)
+            model = LlavaNextForConditionalGeneration.from_pretrained(
+                settings.model,
+                quantization_config=_quantization_config(settings.quantization, dtype),
+                dtype=dtype,
+                attn_implementation=attn,
+                device_map={"": device},
+            )
+        except Exception as exc:  # anything from the hub, safetensors, bitsandbytes or CUDA
+            raise ModelLoadError(f"cannot load model {settings.model!r}: {exc}") from exc
+        model.eval()
+        _prepare_tokenizer(processor)
+        return cls(
+            name=settings.model,
+            processor=processor,
+            model=model,
+            quantization=settings.quantization,
+            device=device,
+            dtype=dtype,
+        )
+
+    def build_prompt(self, question: str) -> str:
+        """The full prompt for one question: the checkpoint's chat template, else the card's."""
+        # A literal image token in user text would count as a second image placeholder and make
+        # the whole batch fail (tokens and image features no longer match).
+        question = question.replace(self.processor.image_token, "")
+        if getattr(self.processor, "chat_template", None):
+            conversation = [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+            ]
+            return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        return CARD_TEMPLATE.format(question=question)
+
+    def generate(
+        self,
+        images: list[Image.Image],
+        questions: list[str],
+        generation: GenerationSettings,
+    ) -> list[str]:
+        """Answer ``questions[i]`` about ``images[i]`` in one batched call; answers in input order."""
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        if not images:
+            return []
+        return self.generate_prepared([self.prepare(image, q) for image, q in zip(images, questions, strict=True)], generation)
+
+    def prepare(self, image: Image.Image, question: str) -> ModelInputs:
+        """Preprocess one job (thread-safe; the worker runs it on the fetch pool, off the model thread)."""
+        processor = getattr(self._local, "processor", None)
+        if processor is None:
+            processor = self._local.processor = copy.deepcopy(self.processor)
+        # The processor expands <image> to this image's anyres token count.
+        encoded = processor(images=[image], text=[self.build_prompt(question)], return_tensors="pt")
+        return ModelInputs(
+            input_ids=encoded["input_ids"][0], pixel_values=encoded["pixel_values"][0], image_size=encoded["image_sizes"][0]
+        )
+
+    def generate_prepared(self, items: list[ModelInputs], generation: GenerationSettings) -> list[str]:
+        """Answer prepared jobs in one batched call; answers in input order."""
+        if not items:
+            return []
+        inputs = self._collate(items)
+        kwargs = _generate_kwargs(generation, self.processor.tokenizer)
+        try:
+            inputs = {name: tensor.to(self.model.device) for name, tensor in inputs.items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+            with torch.inference_mode():
+                output = self._generate(inputs, kwargs)
+        except RuntimeError as exc:  # torch.OutOfMemoryError (= torch.cuda.OutOfMemoryError) included
+            if not _is_out_of_memory(exc):
+                raise
+            _release_cached_memory()
+            raise OutOfMemory(f"out of memory generating a batch of {len(items)}: {exc}") from exc
+        # With left padding every row's prompt ends at the same column: the rest is the answer.
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        answers = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [answer.strip() for answer in answers]
+
+    def _collate(self, items: list[ModelInputs]) -> dict[str, torch.Tensor]:
+        """What the processor gives for a batch: prompts left-padded to a multiple of 16, tiles zero-padded."""
+        longest = _round_up(max(item.num_tokens for item in items), PAD_TO_MULTIPLE_OF)
+        most_tiles = max(item.pixel_values.shape[0] for item in items)
+        input_ids = torch.full((len(items), longest), self.processor.tokenizer.pad_token_id, dtype=items[0].input_ids.dtype)
+        attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
+        pixel_values = items[0].pixel_values.new_zeros((len(items), most_tiles, *items[0].pixel_values.shape[1:]))
+        for row, item in enumerate(items):
+            input_ids[row, longest - item.num_tokens :] = item.input_ids
+            attention_mask[row, longest - item.num_tokens :] = 1
+            pixel_values[row, : item.pixel_values.shape[0]] = item.pixel_values
+        self.real_tokens += sum(item.num_tokens for item in items)
+        self.padded_tokens += len(items) * longest
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": pixel_values,
+            "image_sizes": torch.stack([item.image_size for item in items]),
+        }
+
+    def _generate(self, inputs: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+        # The one place the model runs. FAULT HOOK (test-only, not built yet): out-of-memory
+        # injection for tests will wrap this call; keep every generate going through here.
+        return self.model.generate(**inputs, **kwargs)
+
+    def count_4bit_linears(self) -> int:
+        """How many layers are bitsandbytes ``Linear4bit`` (0 unless loaded with nf4)."""
+        import bitsandbytes as bnb  # only needed here; a CPU/none deployment may lack its kernels
+
+        return sum(isinstance(module, bnb.nn.Linear4bit) for module in self.model.modules())
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` means the first GPU when there is one, else the CPU."""
+    if device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        return "cuda:0"
+    return device
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _compute_dtype(device: str) -> torch.dtype:
+    if device == "cpu":
+        # Half precision on CPU is slow and poorly supported.
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _attn_implementation(requested: str, device: str) -> str:
+    if requested == "flash_attention_2" and (device == "cpu" or not is_flash_attn_2_available()):
+        logger.warning("flash_attention_2 requested but not available on %s; falling back to sdpa", device)
+        return "sdpa"
+    return requested
+
+
+def _quantization_config(quantization: str, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if quantization == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def _prepare_tokenizer(processor: LlavaNextProcessor) -> None:
+    tokenizer = processor.tokenizer
+    # Left padding: every prompt then ends where generation starts, in the same column.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        # Padded positions are masked out, so which token fills them does not matter.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+
+
+def _generate_kwargs(generation: GenerationSettings, tokenizer: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": generation.max_new_tokens,
+        "min_new_tokens": generation.min_new_tokens,
+        "do_sample": generation.do_sample,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if generation.do_sample:
+        kwargs["temperature"] = generation.temperature
+        kwargs["top_p"] = generation.top_p
+        # The job's settings are the whole sampling spec: no hidden top-k=50 from transformers' defaults.
+        kwargs["top_k"] = 0
+    return kwargs
+
+
+def _is_out_of_memory(exc: RuntimeError) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    # The CPU allocator and some CUDA/MPS paths raise a plain RuntimeError.
+    message = str(exc).lower()
+    return any(text in message for text in ("out of memory", "can't allocate memory", "cannot allocate memory"))
+
+
+def _release_cached_memory() -> None:
+    # Give the failed batch's blocks back so a smaller retry can fit.
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
