@@ -33,4 +33,27 @@ def make_celery(settings: Settings) -> Celery:
         redis_socket_timeout=30,
         result_extended=True,
     )
+    if settings.signs_messages:
+        _sign_messages(app, settings)
     return app
+
+
+def _sign_messages(app: Celery, settings: Settings) -> None:
+    """Sign every task message (Celery's ``auth`` serializer); results stay plain JSON.
+
+    ``setup_security`` registers the serializer in kombu's process-wide registry: one signing
+    identity per process. Workers verify with ``worker.messages.SignatureVerifier``.
+    """
+    assert settings.security_key is not None and settings.security_certificate is not None
+    app.conf.update(task_serializer="auth", accept_content=["auth"], security_digest=settings.security_digest)
+    password = settings.security_key_password
+    app.setup_security(
+        allowed_serializers=["json"],
+        key=settings.security_key,
+        key_password=password.get_secret_value() if password is not None else None,
+        cert=settings.security_certificate,
+        # Celery wants a store even to sign; the signer's own certificate will do.
+        store=settings.security_cert_store or settings.security_certificate,
+        digest=settings.security_digest,
+        serializer="json",
+    )

@@ -26,7 +26,12 @@ def _settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        _fail(f"invalid VQA_* settings: {exc}", code=2)
+        # Without the offending values: a setting may hold a password or a key.
+        problems = "; ".join(
+            f"VQA_{'_'.join(str(part) for part in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors(include_url=False, include_input=False)
+        )
+        _fail(f"invalid VQA_* settings: {problems}", code=2)
 
 
 def _fail(message: str, *, code: int = 1) -> NoReturn:
@@ -82,23 +87,23 @@ def submit_many(
     """Validate every line, then enqueue them all (nothing is enqueued if any line is invalid). Prints one id per line."""
     settings = _settings()
     text = sys.stdin.read() if str(path) == "-" else path.read_text()
-    requests: list[Any] = []
-    problems: list[str] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            requests.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            problems.append(f"line {number}: not JSON ({exc.msg})")
-            requests.append(None)
-    if problems:
-        _fail("; ".join(problems), code=2)
     client = _client(settings)
     try:
-        ids = client.submit_many(requests)
-    except InvalidJob as exc:
-        _fail(str(exc), code=2)
+        # Every problem at once, numbered by the file's own lines (blank lines count).
+        jobs: list[Any] = []
+        problems: list[str] = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                jobs.append(client.build_request(json.loads(line)))
+            except json.JSONDecodeError as exc:
+                problems.append(f"line {number}: not JSON ({exc.msg})")
+            except InvalidJob as exc:
+                problems.append(f"line {number}: {exc}")
+        if problems:
+            _fail("; ".join(problems), code=2)
+        ids = client.submit_jobs(jobs)
     except VQAError as exc:
         _fail(str(exc))
     finally:

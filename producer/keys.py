@@ -19,10 +19,23 @@ def submitted_key(job_id: str) -> str:
 
 
 def deliveries_key(job_id: str) -> str:
-    """Counts how often a worker picked the job up; past the limit the job is poison."""
+    """Counts deliveries that reached the model and never came back from it; past the limit the job is poison.
+
+    Reset once the model answers (or fails) the job: only crashes in the model count against it.
+    """
     return f"vqa:deliveries:{job_id}"
 
 
 def executions_key(job_id: str) -> str:
     """Counts model executions per job so redelivery duplicates are visible."""
     return f"vqa:executions:{job_id}"
+
+
+def unacked_key(queue: str) -> str:
+    """Hash: delivery tag -> raw message, for every message a worker took and has not acked (worker/broker.py)."""
+    return f"vqa:unacked:{queue}"
+
+
+def unacked_index_key(queue: str) -> str:
+    """Sorted set: delivery tag -> the Redis time it was taken; past the visibility timeout it goes back to the queue."""
+    return f"vqa:unacked-index:{queue}"

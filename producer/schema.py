@@ -18,6 +18,7 @@ MAX_QUESTION_LENGTH = 2000
 MAX_IDEMPOTENCY_KEY_LENGTH = 256
 MAX_NEW_TOKENS_LIMIT = 1024
 ALLOWED_SCHEMES = ("http", "https", "s3")
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
 
 # Fixed namespace so the same job gets the same id on every producer, forever.
 _JOB_NAMESPACE = uuid.UUID("3f1c2a52-8d3b-4c36-9a51-5b8c1e0d7a11")
@@ -51,7 +52,8 @@ class Job(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    job_id: str = Field(min_length=1, max_length=64)
+    # Becomes part of S3 keys and Redis keys: no "/" or ".." games from a forged message.
+    job_id: str = Field(min_length=1, max_length=64, pattern=JOB_ID_PATTERN)
     image_url: str = Field(min_length=1, max_length=MAX_URL_LENGTH)
     question: str = Field(min_length=1, max_length=MAX_QUESTION_LENGTH)
     model: str = Field(min_length=1, max_length=512)

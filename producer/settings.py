@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Annotated, Literal
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from kombu.utils.url import maybe_sanitize_url
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from producer.schema import MAX_NEW_TOKENS_LIMIT
 
 DEFAULT_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+_URL_FIELDS = frozenset({"broker_url", "result_backend"})
 
 
 class Settings(BaseSettings):
@@ -45,7 +50,8 @@ class Settings(BaseSettings):
     # (batch size x longest prompt); jobs of similar image-token counts are batched together.
     # 0 = off (first come, first served). See worker/batching.py.
     max_batch_tokens: int = Field(default=0, ge=0)
-    max_new_tokens: int = Field(default=100, ge=1, le=2048)
+    # The default answer-length cap for jobs; a job may not ask for more than the schema allows.
+    max_new_tokens: int = Field(default=100, ge=1, le=MAX_NEW_TOKENS_LIMIT)
 
     # Retries
     max_attempts: int = Field(default=3, ge=1)
@@ -62,14 +68,47 @@ class Settings(BaseSettings):
     image_formats: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["JPEG", "PNG", "GIF", "WEBP", "BMP"])
     image_s3_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)  # s3:// buckets workers may read
 
+    # Message signing (Celery's "auth" serializer, RSA certificates); see docs/security.md.
+    # Producers sign with key + certificate; workers then accept only messages signed by a
+    # certificate in cert_store (a directory or glob of PEM files). Unset: plain JSON.
+    security_key: str | None = None  # PEM private key file
+    security_key_password: SecretStr | None = None
+    security_certificate: str | None = None  # PEM certificate file for the key
+    security_cert_store: str | None = None
+    security_digest: Literal["sha256", "sha384", "sha512"] = "sha256"
+
     # Worker process
     worker_name: str | None = None  # defaults to host:pid
     fetch_concurrency: int = Field(default=8, ge=1, le=128)
     shutdown_grace_s: float = Field(default=60.0, ge=0)
     metrics_port: int | None = None  # Prometheus endpoint; off when unset
 
-    # Test-only fault hook, off by default: a batch larger than this raises out-of-memory.
+    # Test-only fault hooks, off by default (tests/reliability uses them; see docs/reliability.md).
+    # A batch larger than this raises out-of-memory.
     fault_oom_above_batch: int = Field(default=0, ge=0)
+    # A batch holding a job whose question contains this marker kills the worker (os._exit(137)).
+    fault_crash_on_question: str | None = Field(default=None, min_length=1)
+
+    @property
+    def signs_messages(self) -> bool:
+        """Producers sign their task messages (Celery's ``auth`` serializer)."""
+        return self.security_key is not None
+
+    @property
+    def requires_signed_messages(self) -> bool:
+        """Workers accept only messages signed by a certificate in ``security_cert_store``."""
+        return self.security_cert_store is not None
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # Redis URLs carry the password; a repr of the settings may end up in a log or a traceback.
+        for name, value in super().__repr_args__():
+            yield name, maybe_sanitize_url(value) if name in _URL_FIELDS and isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _key_with_certificate(self) -> Settings:
+        if (self.security_key is None) != (self.security_certificate is None):
+            raise ValueError("security_key and security_certificate must be set together")
+        return self
 
     @field_validator("device")
     @classmethod

@@ -6,33 +6,42 @@ detection — celery-batches acks a failed batch under acks_late, has no per-req
 and keeps buffered messages on shutdown. This loop speaks Celery's task protocol (v2, JSON)
 on the same queue, so producers use plain Celery and ``AsyncResult`` works.
 
-Threads: the consumer thread owns the broker connection and every message (receive, ack,
-requeue); a fetch pool downloads and decodes images as messages arrive, overlapping the
-model; one model thread runs batches. They talk through queues only.
+Messages are taken off Redis by worker/broker.py (pop and record as unacked in one atomic
+step; kombu's BRPOP-then-record loses a message when Redis or the worker dies in between) and
+settled through worker/ledger.py, only after the job's record is stored.
+
+Threads: the consumer thread owns every message (receive, ack, requeue); a fetch pool
+downloads and decodes images as messages arrive, overlapping the model; one model thread
+runs batches. They talk through queues only.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from kombu import Connection, Consumer, Queue
+import redis
 
-from producer import keys
 from producer.errors import InvalidJob, PermanentError, VQAError
 from producer.schema import Job
 from producer.settings import Settings
+from worker import visibility
 from worker.batching import MicroBatcher
-from worker.runner import BatchRunner, Outcome, Pending, Prepared
+from worker.broker import Delivery, MalformedMessage, RedisQueue, parse_envelope
+from worker.ledger import Ledger
+from worker.messages import RefusedMessage, SignatureVerifier, decode_task_message, message_id
+from worker.runner import BatchRunner, Finishing, Outcome, Pending, Prepared
 
 log = logging.getLogger(__name__)
 
 _IDLE_POLL_S = 0.2
+_BUSY_POLL_S = 0.01  # while fetches or batches are in flight: notice them finishing quickly
+_EMPTY_POLL_S = 0.05  # the queue was empty: look again this soon (it is polled, see worker/broker.py)
+_RESTORE_EVERY_S = 1.0  # how often this worker puts messages past the visibility timeout back
 _RECONNECT_MAX_S = 10.0
 
 
@@ -52,105 +61,164 @@ class BatchingConsumer:
         self._prepare = prepare  # Callable[[Job], Prepared], runs on the fetch pool
         self.stopping = stopping
         self.batcher: MicroBatcher[Pending] = MicroBatcher(
-            max_size=settings.max_batch_size, max_delay_s=settings.max_batch_delay_ms / 1000
+            max_size=settings.max_batch_size,
+            max_delay_s=settings.max_batch_delay_ms / 1000,
+            max_tokens=settings.max_batch_tokens,
         )
         # One batch in the model, one filling up behind it.
         self.prefetch = 2 * settings.max_batch_size
         self._fetch_pool = ThreadPoolExecutor(max_workers=settings.fetch_concurrency, thread_name_prefix="vqa-fetch")
         self._batches: queue.Queue[list[Pending] | None] = queue.Queue(maxsize=1)
         self._outcomes: queue.Queue[list[Outcome]] = queue.Queue()
-        self._model_busy = threading.Event()
+        # Batches handed to the model thread whose outcomes are not back: at most one running
+        # and one complete batch queued behind it, so the model never waits for this thread.
+        self._in_flight = 0
+        self._fetching: dict[int, Pending] = {}  # id() -> job whose fetch/preprocess is running
+        self._ready: queue.SimpleQueue[Pending] = queue.SimpleQueue()  # fetched, not yet batched
         self._delayed: list[Pending] = []  # transient failures waiting for their retry time
-        self._held: set[int] = set()  # id() of every Pending whose message is still unacked
+        self.broker = RedisQueue.from_url(settings.broker_url, queue=settings.queue)
+        # Every unacked message, by job id; acks and hand-backs go through it (see worker/ledger.py).
+        self.ledger = Ledger(visibility_timeout=settings.visibility_timeout)
+        self.ledger.attach(self.broker)
+        self._broker_backoff = 0.0  # > 0 while Redis is unreachable
+        self._broker_retry_at = 0.0
+        self._next_restore = 0.0
+        self._next_pop = 0.0  # after an empty pop, Redis is asked again only this late
+        self._slowest_batch_s = 0.0
         self._model_thread = threading.Thread(target=self._model_loop, name="vqa-model", daemon=True)
-        self._connection_errors = (OSError, *Connection(settings.broker_url).connection_errors)
+        # Stores each batch's records while the model runs the next one (BatchRunner.complete).
+        self._finishing: queue.SimpleQueue[tuple[list[Pending], Finishing] | None] = queue.SimpleQueue()
+        self._writer_thread = threading.Thread(target=self._writer_loop, name="vqa-writer", daemon=True)
+        # Signing on: only messages signed by a trusted certificate become jobs (worker/messages.py).
+        self._verifier = (
+            SignatureVerifier(settings.security_cert_store, digest=settings.security_digest)
+            if settings.security_cert_store is not None
+            else None
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def run(self) -> None:
         """Consume until stopped; then hand back what was not started and finish what was."""
         self._model_thread.start()
-        backoff = 0.5
+        self._writer_thread.start()
+        warning = visibility.check(self.settings, batch_s=0.0)
+        if warning:
+            log.warning("%s", warning)
+        log.info("consuming %r (batch %d, delay %d ms, prefetch %d)", self.settings.queue,
+                 self.settings.max_batch_size, self.settings.max_batch_delay_ms, self.prefetch)
         while not self.stopping.is_set():
-            try:
-                with Connection(self.settings.broker_url, transport_options=self._transport_options()) as conn:
-                    conn.ensure_connection(max_retries=1)
-                    self._consume(conn)
-                    backoff = 0.5
-                    if self.stopping.is_set():
-                        self._shutdown(conn)
-                        return
-            except self._connection_errors as exc:
-                if self.stopping.is_set():
-                    break
-                log.warning("broker connection lost (%s); reconnecting in %.1f s", type(exc).__name__, backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, _RECONNECT_MAX_S)
-        self._finish_without_broker()
+            received = self._receive()
+            self._tick()
+            if not received:
+                self.stopping.wait(min(self._poll_timeout(), _EMPTY_POLL_S))
+        self._shutdown()
 
     def stop(self) -> None:
         self.stopping.set()
 
-    def _transport_options(self) -> dict[str, Any]:
-        return {"visibility_timeout": self.settings.visibility_timeout, "socket_timeout": 30, "socket_connect_timeout": 5}
-
     # -- the consumer thread ----------------------------------------------------------------
 
-    def _consume(self, conn: Connection) -> None:
-        channel = conn.channel()
-        consumer = Consumer(
-            channel,
-            queues=[Queue(self.settings.queue, routing_key=self.settings.queue)],
-            on_message=self._on_message,
-            accept=["json"],
-            on_decode_error=self._on_decode_error,
-            prefetch_count=self.prefetch,
-        )
-        with consumer:
-            log.info("consuming %r (batch %d, delay %d ms, prefetch %d)", self.settings.queue,
-                     self.settings.max_batch_size, self.settings.max_batch_delay_ms, self.prefetch)
-            while not self.stopping.is_set():
-                try:
-                    conn.drain_events(timeout=self._poll_timeout())
-                except socket.timeout:
-                    pass
-                self._tick()
+    def _receive(self) -> int:
+        """Restore expired messages (about once a second), then take what the prefetch has room for."""
+        now = time.monotonic()
+        if now < self._broker_retry_at:
+            return 0
+        try:
+            if now >= self._next_restore:
+                self._next_restore = now + _RESTORE_EVERY_S
+                restored = self.broker.restore_expired(self.settings.visibility_timeout)
+                if restored:
+                    log.warning("put %d messages unacked for over %d s back on the queue", restored, self.settings.visibility_timeout)
+            room = self.prefetch - len(self.ledger)
+            asked = room > 0 and now >= self._next_pop
+            deliveries = self.broker.pop(room) if asked else []
+        except redis.RedisError as exc:
+            # Redis away (restart, network): keep the jobs we hold, retry with backoff. Nothing
+            # is lost meanwhile: what we took is recorded as unacked in Redis (AOF keeps it).
+            self._broker_backoff = min(max(2 * self._broker_backoff, 0.5), _RECONNECT_MAX_S)
+            self._broker_retry_at = now + self._broker_backoff
+            log.warning("broker unreachable (%s); retrying in %.1f s", type(exc).__name__, self._broker_backoff)
+            return 0
+        if self._broker_backoff:
+            log.info("broker reachable again")
+            self._broker_backoff = 0.0
+        if asked and not deliveries:
+            self._next_pop = now + _EMPTY_POLL_S
+        for delivery in deliveries:
+            self._on_delivery(delivery)
+        return len(deliveries)
+
+    def _on_delivery(self, delivery: Delivery) -> None:
+        try:
+            message = parse_envelope(delivery.tag, delivery.raw)
+        except (MalformedMessage, RefusedMessage) as exc:
+            log.error("dropped a malformed message from %r: %s", self.settings.queue, str(exc)[:200])
+            self._drop(delivery.tag)
+            return
+        self._on_message(message)
+
+    def _drop(self, tag: str) -> None:
+        try:
+            self.broker.ack(tag)
+        except redis.RedisError:
+            pass  # it comes back after the visibility timeout and is dropped again
 
     def _tick(self) -> None:
+        if not self._broker_backoff:
+            self.ledger.retry_unsettled()
         self._apply_outcomes()
         self._release_delayed()
-        if not self._model_busy.is_set() and self._batches.empty():
-            batch = self.batcher.take()
-            if batch:
-                self._model_busy.set()
-                self._batches.put(batch)
+        self._collect_ready()
+        while self._in_flight < 2 and self._batches.empty():
+            # Idle model: any due batch. Busy model: only a complete one, queued behind it.
+            batch = self.batcher.take(complete_only=self._in_flight > 0)
+            if not batch:
+                return
+            self._in_flight += 1
+            self._batches.put(batch)
 
     def _poll_timeout(self) -> float:
         due = self.batcher.next_due_in()
         timeout = _IDLE_POLL_S if due is None else min(_IDLE_POLL_S, max(due, 0.005))
-        if self._model_busy.is_set() or not self._outcomes.empty():
-            timeout = min(timeout, 0.05)
+        if self._in_flight or self._fetching or not self._outcomes.empty():
+            timeout = min(timeout, _BUSY_POLL_S)
         return timeout
 
     def _on_message(self, message: Any) -> None:
         try:
-            job = decode_task_message(message)
+            job = decode_task_message(message, verifier=self._verifier)
         except InvalidJob as exc:
-            log.error("rejected message %s: %s", message.headers.get("id", "?") if message.headers else "?", exc)
-            message.reject()
+            log.error("rejected message %s: %s", message_id(message), exc)
+            self._drop(message.delivery_tag)
             return
-        pending = Pending(job=job, message=message, received_at=time.monotonic())
-        self._held.add(id(pending))
-        self._enqueue(pending)
-
-    def _on_decode_error(self, message: Any, exc: Exception) -> None:
-        # Pickle and other content types never reach the model; drop them with a reason.
-        log.error("rejected undecodable message (content type %r): %s", message.content_type, exc)
-        message.reject()
+        if not self.ledger.hold(job.job_id, message.delivery_tag):
+            # Already held here (a duplicate publish, or redelivered while we were slow with it):
+            # settled with the first delivery's outcome instead of running the model twice.
+            log.info("job %s delivered again while held; it follows the first delivery", job.job_id)
+            return
+        self._enqueue(Pending(job=job, message=message, received_at=time.monotonic()))
 
     def _enqueue(self, pending: Pending) -> None:
+        # The batcher only gets jobs whose image is fetched and preprocessed: a batch never
+        # waits on a slow download, and padding-aware batching needs the prompt length.
+        self._fetching[id(pending)] = pending
         pending.prepared = self._fetch_pool.submit(self._safe_prepare, pending.job)
-        self.batcher.add(pending.job.generation, pending)
+        pending.prepared.add_done_callback(lambda _future, pending=pending: self._ready.put(pending))
+
+    def _collect_ready(self) -> None:
+        while True:
+            try:
+                pending = self._ready.get_nowait()
+            except queue.Empty:
+                return
+            if self._fetching.pop(id(pending), None) is None:
+                continue  # handed back on shutdown meanwhile
+            prepared = pending.prepared.result() if pending.prepared else Prepared()
+            needs_model = prepared.inputs is not None or prepared.image is not None
+            # Jobs that need no model (record exists, fetch failed) are batched apart from those that do.
+            key = pending.job.generation if needs_model else ("no-model", pending.job.generation)
+            self.batcher.add(key, pending, cost=prepared.cost, arrived_at=pending.received_at)
 
     def _safe_prepare(self, job: Job) -> Prepared:
         try:
@@ -167,21 +235,17 @@ class BatchingConsumer:
                 outcomes = self._outcomes.get_nowait()
             except queue.Empty:
                 return
+            self._in_flight = max(0, self._in_flight - 1)
             for outcome in outcomes:
                 pending = outcome.pending
-                if outcome.action == "retry":
+                if outcome.action == "retry" and not self.stopping.is_set():
                     pending.attempt += 1
                     pending.not_before = time.monotonic() + outcome.delay_s
                     self._delayed.append(pending)
                     continue
-                self._held.discard(id(pending))
-                try:
-                    if outcome.action == "ack":
-                        pending.message.ack()
-                    else:
-                        pending.message.requeue()
-                except Exception as exc:  # noqa: BLE001 - broker gone: visibility timeout redelivers it
-                    log.warning("could not %s job %s (%s); it will be redelivered", outcome.action, pending.job.job_id, exc)
+                # Shutting down, a retry goes back to the queue at once (its attempt is not used up).
+                action = "ack" if outcome.action == "ack" else "requeue"
+                self.ledger.settle(pending.job.job_id, action, received_at=pending.received_at)
 
     def _release_delayed(self) -> None:
         now = time.monotonic()
@@ -191,28 +255,37 @@ class BatchingConsumer:
             for pending in ready:
                 self._enqueue(pending)
 
-    def _shutdown(self, conn: Connection) -> None:
-        """Warm shutdown: hand back what has not started, let the batch in flight finish, ack it."""
-        handed_back = self.batcher.drain() + self._delayed
+    def _shutdown(self) -> None:
+        """Warm shutdown: hand back what has not started, let the batch in flight finish, ack it; all within the grace."""
+        deadline = time.monotonic() + self.settings.shutdown_grace_s
+        handed_back = self.batcher.drain() + self._delayed + list(self._fetching.values()) + self._unqueue_batch()
         self._delayed = []
+        self._fetching.clear()
         for pending in handed_back:
-            self._held.discard(id(pending))
-            try:
-                pending.message.requeue()
-            except Exception as exc:  # noqa: BLE001
-                log.warning("could not hand back job %s: %s", pending.job.job_id, exc)
+            self.ledger.settle(pending.job.job_id, "requeue")
         log.info("shutting down: handed back %d queued jobs", len(handed_back))
         self._batches.put(None)
-        self._model_thread.join(timeout=self.settings.shutdown_grace_s)
-        if self._model_thread.is_alive():
-            log.warning("batch still running after %.0f s grace; its jobs go back via the broker", self.settings.shutdown_grace_s)
+        self._model_thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._writer_thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self._apply_outcomes()
+        # A batch still running past the grace goes back now rather than after the visibility
+        # timeout; if it stores its records before the process exits, the redelivery reads them.
+        late = self.ledger.job_ids()
+        if late:
+            log.warning("%d jobs still running after %.0f s grace; handed back", len(late), self.settings.shutdown_grace_s)
+        for job_id in late:
+            self.ledger.settle(job_id, "requeue")
+        self.ledger.retry_unsettled()
+        if self.ledger.unsettled:
+            log.warning("%d messages could not be settled (broker away); they come back after the visibility timeout", self.ledger.unsettled)
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
 
-    def _finish_without_broker(self) -> None:
-        self._batches.put(None)
-        self._model_thread.join(timeout=self.settings.shutdown_grace_s)
-        self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+    def _unqueue_batch(self) -> list[Pending]:
+        """Take back the batch queued behind the running one, if the model thread has not started it."""
+        try:
+            return self._batches.get_nowait() or []
+        except queue.Empty:
+            return []
 
     # -- the model thread -------------------------------------------------------------------
 
@@ -220,32 +293,37 @@ class BatchingConsumer:
         while True:
             batch = self._batches.get()
             if batch is None:
+                self._finishing.put(None)
                 return
             try:
-                outcomes = self.runner.run(batch)
+                finishing = self.runner.infer(batch)
+                self._check_visibility()
             except Exception:  # noqa: BLE001 - a bug here must not kill the thread and strand jobs
                 log.exception("batch of %d crashed; handing its jobs back", len(batch))
+                self._outcomes.put([Outcome(pending, "requeue") for pending in batch])
+                continue
+            self._finishing.put((batch, finishing))
+
+    def _writer_loop(self) -> None:
+        while True:
+            item = self._finishing.get()
+            if item is None:
+                return
+            batch, finishing = item
+            try:
+                outcomes = self.runner.complete(finishing)
+            except Exception:  # noqa: BLE001 - as above: never strand the batch's jobs
+                log.exception("storing the records of a batch of %d crashed; handing its jobs back", len(batch))
                 outcomes = [Outcome(pending, "requeue") for pending in batch]
             self._outcomes.put(outcomes)
-            self._model_busy.clear()
 
+    def _check_visibility(self) -> None:
+        """Re-check the visibility timeout against the slowest batch so far (warns again only when 1.5x slower)."""
+        slowest = self.runner.stats.slowest_batch_s
+        if slowest <= 1.5 * self._slowest_batch_s:
+            return
+        self._slowest_batch_s = slowest
+        warning = visibility.check(self.settings, batch_s=slowest)
+        if warning:
+            log.warning("%s", warning)
 
-def decode_task_message(message: Any) -> Job:
-    """Validate a Celery protocol-2 message for our task and return its job; raise InvalidJob otherwise."""
-    headers = message.headers or {}
-    task = headers.get("task")
-    if task != keys.TASK_NAME:
-        raise InvalidJob(f"not a {keys.TASK_NAME} message (task={str(task)[:80]!r})")
-    try:
-        body = message.decode()
-    except Exception as exc:  # noqa: BLE001 - kombu raises many types for bad content
-        raise InvalidJob(f"cannot decode the message body: {type(exc).__name__}") from exc
-    if not (isinstance(body, list | tuple) and len(body) == 3 and isinstance(body[1], dict)):
-        raise InvalidJob("body is not Celery protocol 2 [args, kwargs, embed]")
-    args, kwargs, _ = body
-    if args or set(kwargs) != {"job"}:
-        raise InvalidJob("expected exactly one keyword argument 'job'")
-    job = Job.decode(kwargs["job"])
-    if headers.get("id") != job.job_id:
-        raise InvalidJob("message id does not match the job id")
-    return job

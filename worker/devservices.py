@@ -50,10 +50,13 @@ class RedisServer:
     port: int = field(default_factory=free_port)
     data_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="vqa-redis-")))
     proc: subprocess.Popen[bytes] | None = None
+    password: str | None = None  # --requirepass; the URL carries it
+    extra_args: tuple[str, ...] = ()  # more redis-server options, e.g. --tls-port and its files
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         binary = shutil.which("redis-server")
@@ -61,7 +64,8 @@ class RedisServer:
             raise RuntimeError("redis-server not found; install it (Debian: apt-get install redis-server)")
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no"],
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no",
+             *(["--requirepass", self.password] if self.password else []), *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_for_port(self.port, proc=self.proc)

@@ -13,6 +13,7 @@ from typing import Any
 import redis
 
 from producer.celery_app import make_celery
+from producer.errors import StorageUnavailable
 from producer.schema import Job
 from producer.settings import Settings
 from worker.consumer import BatchingConsumer
@@ -52,16 +53,32 @@ def run_worker(settings: Settings) -> None:
     policy = FetchPolicy.from_settings(settings)
 
     def prepare(job: Job) -> Prepared:
-        existing = store.existing(job.job_id)
+        try:
+            existing = store.existing(job.job_id)
+        except StorageUnavailable as exc:
+            # The lookup is a shortcut: an S3 outage must not use up the job's attempts. The
+            # conditional create still keeps the first record; storing waits for S3 to return.
+            log.warning("job %s: cannot check for an existing record (%s); running it", job.job_id, exc)
+            existing = None
         if existing is not None:
             return Prepared(existing=existing)
         start = time.perf_counter()
         image = fetch_image(job.image_url, policy, s3_client=s3)
-        return Prepared(image=image, fetch_ms=(time.perf_counter() - start) * 1000)
+        fetch_ms = (time.perf_counter() - start) * 1000
+        # Preprocess here on the fetch pool, so the model thread only pads, stacks and runs.
+        inputs = model.prepare(image, job.question)
+        return Prepared(inputs=inputs, cost=inputs.num_tokens, fetch_ms=fetch_ms)
 
     runner = BatchRunner(settings=settings, model=model, store=store, counters=counters, worker_name=worker_name, stopping=stopping)
     consumer = BatchingConsumer(settings=settings, runner=runner, prepare=prepare, stopping=stopping)
+    if settings.metrics_port is not None:
+        from worker.metrics import serve_metrics
+
+        serve_metrics(settings.metrics_port, worker=worker_name, batches=runner.stats, ledger=consumer.ledger.stats)
+        log.info("metrics on :%d/metrics", settings.metrics_port)
     log.info("worker %s ready", worker_name)
     print(f"vqa worker {worker_name} ready", flush=True)  # tests and supervisors wait for this line
     consumer.run()
     log.info("worker %s stopped: %d done, %d failed, %d batches", worker_name, runner.stats.jobs_done, runner.stats.jobs_failed, runner.stats.batches)
+    # scripts/bench.py reads this line.
+    log.info("padding: %d real / %d padded prompt tokens", model.real_tokens, model.padded_tokens)

@@ -9,18 +9,18 @@ in halves until the culprit stands alone.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
 import redis
 
-from producer import keys
 from producer.errors import (
     BackendUnavailable,
     OutOfMemory,
@@ -31,11 +31,12 @@ from producer.errors import (
 )
 from producer.schema import ErrorInfo, Job, Record, utcnow
 from producer.settings import Settings
+from worker.counters import JobCounters
 from worker.storage import RecordStore
 
 log = logging.getLogger(__name__)
 
-_COUNTER_TTL_S = 7 * 24 * 3600
+_STORE_BACKOFF_CAP_S = 10.0  # an S3 or backend outage is noticed to be over within this
 
 
 @dataclass
@@ -46,11 +47,14 @@ class Prepared:
     existing: Record | None = None
     error: VQAError | None = None
     fetch_ms: float | None = None
+    # The image preprocessed off the model thread (worker.model.ModelInputs), when available.
+    inputs: Any = None
+    cost: int = 0  # prompt tokens, image tokens included: what padding-aware batching groups by
 
 
 @dataclass
 class Pending:
-    """A received job. ``message`` is the kombu message: only the consumer thread touches it."""
+    """A received job. ``message`` is the queue message (worker.broker.QueueMessage): only the consumer thread touches it."""
 
     job: Job
     message: Any
@@ -73,6 +77,15 @@ class Outcome:
 
 
 @dataclass
+class Finishing:
+    """A batch whose model work is done and whose records are still to be stored (:meth:`BatchRunner.complete`)."""
+
+    outcomes: list[Outcome]
+    # Outcomes that are placeholders until their record is stored: complete() sets their action.
+    to_store: list[tuple[Outcome, Record]] = field(default_factory=list)
+
+
+@dataclass
 class BatchStats:
     """Counters the metrics endpoint and the benchmarks read."""
 
@@ -82,6 +95,9 @@ class BatchStats:
     executions: int = 0
     duplicate_executions: int = 0
     oom_splits: int = 0
+    retries: int = 0  # transient failures given another attempt
+    poisoned: int = 0  # jobs quarantined after too many deliveries
+    slowest_batch_s: float = 0.0  # longest generate call: the visibility timeout must cover it
     batch_sizes: list[int] = field(default_factory=list)
 
 
@@ -102,13 +118,41 @@ class BatchRunner:
         self.settings = settings
         self.model = model
         self.store = store
-        self.counters = counters
+        self.counters = JobCounters(counters)
         self.worker_name = worker_name
         self.stopping = stopping
         self.stats = BatchStats()
         self._sleep = sleep
+        self._deferred: list[tuple[Outcome, Record]] | None = None
+        # complete() stores a batch's records concurrently: S3 and Redis round trips overlap.
+        self._store_pool = ThreadPoolExecutor(max_workers=min(8, settings.max_batch_size), thread_name_prefix="vqa-store")
+        self._stats_lock = threading.Lock()
 
     def run(self, batch: list[Pending]) -> list[Outcome]:
+        return self.complete(self.infer(batch))
+
+    def infer(self, batch: list[Pending]) -> Finishing:
+        """Everything up to the answers (the model thread's part); :meth:`complete` stores the records.
+
+        The worker runs complete() on another thread, so the model starts its next batch while
+        this one's records go to S3 and the result backend.
+        """
+        self._deferred = []
+        try:
+            outcomes = self._infer(batch)
+            return Finishing(outcomes, self._deferred)
+        finally:
+            self._deferred = None
+
+    def complete(self, finishing: Finishing) -> list[Outcome]:
+        """Store the records of an inferred batch; every outcome is final afterwards."""
+        placeholders = [placeholder for placeholder, _ in finishing.to_store]
+        results = self._store_pool.map(lambda item: self._store(item[0].pending, item[1]), finishing.to_store)
+        for placeholder, stored in zip(placeholders, results, strict=True):
+            placeholder.action, placeholder.record = stored.action, stored.record
+        return finishing.outcomes
+
+    def _infer(self, batch: list[Pending]) -> list[Outcome]:
         started_at = utcnow()
         outcomes: list[Outcome] = []
         runnable: list[tuple[Pending, Prepared]] = []
@@ -121,55 +165,91 @@ class BatchRunner:
                 outcomes.append(self._on_error(pending, prepared.error, prepared, batch_size=len(batch)))
             else:
                 runnable.append((pending, prepared))
-        runnable = self._drop_poison(runnable, outcomes, batch_size=len(batch))
-        if runnable:
-            self.stats.batches += 1
-            self.stats.batch_sizes.append(len(runnable))
-            self._mark_started([pending.job.job_id for pending, _ in runnable])
-            results = self._generate(runnable)
-            for (pending, prepared), (answer, infer_ms) in zip(runnable, results, strict=True):
-                if isinstance(answer, VQAError):
-                    outcomes.append(self._on_error(pending, answer, prepared, batch_size=len(runnable)))
-                    continue
-                executions = self._count_execution(pending.job.job_id)
-                record = self._record(
-                    pending,
-                    status="succeeded",
-                    answer=answer,
-                    prepared=prepared,
-                    batch_size=len(runnable),
-                    infer_ms=infer_ms,
-                    executions=executions,
-                )
-                outcomes.append(self._finish(pending, record))
+        for group in self._isolate_suspects(runnable):
+            # Counted per group, right before it runs: a crash is charged to that group only.
+            group = self._drop_poison(group, outcomes, batch_size=len(batch))
+            if group:
+                outcomes.extend(self._run_group(group))
+        return outcomes
+
+    def _isolate_suspects(self, items: list[tuple[Pending, Prepared]]) -> list[list[tuple[Pending, Prepared]]]:
+        """First deliveries run together; a job that reached a model before may be what killed that worker, so it runs alone.
+
+        Otherwise its batch companions would be charged with its crashes and quarantined with it.
+        """
+        before = self.counters.earlier_deliveries([pending.job.job_id for pending, _ in items if pending.deliveries == 0])
+
+        def earlier(pending: Pending) -> int:
+            return pending.deliveries - 1 if pending.deliveries else before.get(pending.job.job_id, 0)
+
+        fresh = [item for item in items if earlier(item[0]) == 0]
+        return ([fresh] if fresh else []) + [[item] for item in items if earlier(item[0]) > 0]
+
+    def _run_group(self, group: list[tuple[Pending, Prepared]]) -> list[Outcome]:
+        """One batched generate. Executions are counted before it runs, so a run that kills the worker counts too."""
+        self.stats.batches += 1
+        self.stats.batch_sizes.append(len(group))
+        self._mark_started([pending.job.job_id for pending, _ in group])
+        executions = self._count_executions([pending.job.job_id for pending, _ in group])
+        started = time.perf_counter()
+        results = self._generate(group)
+        self.stats.slowest_batch_s = max(self.stats.slowest_batch_s, time.perf_counter() - started)
+        self.counters.survived([pending.job.job_id for pending, _ in group])
+        outcomes = []
+        for (pending, prepared), (answer, infer_ms, size), count in zip(group, results, executions, strict=True):
+            if isinstance(answer, VQAError):
+                outcomes.append(self._on_error(pending, answer, prepared, batch_size=size))
+                continue
+            record = self._record(
+                pending,
+                status="succeeded",
+                answer=answer,
+                prepared=prepared,
+                batch_size=size,  # after an out-of-memory split, the half that answered it
+                infer_ms=infer_ms,
+                executions=count,
+            )
+            outcomes.append(self._finish(pending, record))
         return outcomes
 
     # -- the model --------------------------------------------------------------------------
 
-    def _generate(self, items: list[tuple[Pending, Prepared]]) -> list[tuple[str | VQAError, float | None]]:
-        """One batched generate; on failure split in halves so only the culprit fails."""
+    def _generate(self, items: list[tuple[Pending, Prepared]]) -> list[tuple[str | VQAError, float | None, int]]:
+        """One batched generate; on failure split in halves so only the culprit fails.
+
+        Per job: the answer (or its error), the generate time, and the size of the call that answered it.
+        """
         generation = items[0][0].job.generation
         start = time.perf_counter()
         try:
             self._inject_faults(items)
-            answers = self.model.generate(
-                [prepared.image for _, prepared in items], [pending.job.question for pending, _ in items], generation
-            )
+            if all(prepared.inputs is not None for _, prepared in items):
+                answers = self.model.generate_prepared([prepared.inputs for _, prepared in items], generation)
+            else:
+                answers = self.model.generate(
+                    [prepared.image for _, prepared in items], [pending.job.question for pending, _ in items], generation
+                )
         except Exception as exc:  # noqa: BLE001 - isolate whatever broke; the error is kept per job
             error = exc if isinstance(exc, VQAError) else PermanentError(f"model failed: {type(exc).__name__}: {exc}", code="model_error")
             if len(items) == 1:
                 log.warning("job %s failed in the model: %s", items[0][0].job.job_id, error)
-                return [(error, None)]
+                return [(error, None, 1)]
             if isinstance(error, OutOfMemory):
                 self.stats.oom_splits += 1
             log.warning("batch of %d failed (%s); splitting to isolate it", len(items), error.code)
             middle = len(items) // 2
             return self._generate(items[:middle]) + self._generate(items[middle:])
         infer_ms = (time.perf_counter() - start) * 1000
-        return [(answer, infer_ms) for answer in answers]
+        return [(answer, infer_ms, len(items)) for answer in answers]
 
     def _inject_faults(self, items: list[tuple[Pending, Prepared]]) -> None:
-        """Test-only fault hook (off by default): pretend a batch larger than N runs out of memory."""
+        """Test-only fault hooks (off by default): a batch with a marked question kills the worker; a batch larger than N runs out of memory."""
+        marker = self.settings.fault_crash_on_question
+        if marker and any(marker in pending.job.question for pending, _ in items):
+            log.critical("injected crash: batch of %d holds a job marked %r (VQA_FAULT_CRASH_ON_QUESTION)", len(items), marker)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os._exit(137)  # what the kernel's OOM killer or a segfaulting kernel leaves behind
         limit = self.settings.fault_oom_above_batch
         if limit and len(items) > limit:
             raise OutOfMemory(f"injected out-of-memory for a batch of {len(items)} (VQA_FAULT_OOM_ABOVE_BATCH={limit})")
@@ -178,6 +258,7 @@ class BatchRunner:
 
     def _on_error(self, pending: Pending, error: VQAError, prepared: Prepared, *, batch_size: int) -> Outcome:
         if isinstance(error, TransientError) and pending.attempt < self.settings.max_attempts:
+            self.stats.retries += 1
             delay = _backoff(pending.attempt)
             log.info("job %s: %s (%s); retry %d in %.1f s", pending.job.job_id, error.code, error, pending.attempt + 1, delay)
             return Outcome(pending, "retry", delay_s=delay)
@@ -188,25 +269,18 @@ class BatchRunner:
         self, items: list[tuple[Pending, Prepared]], outcomes: list[Outcome], *, batch_size: int
     ) -> list[tuple[Pending, Prepared]]:
         """Count each delivery that reaches the model; quarantine jobs delivered too often."""
-        first_tries = [(pending, prepared) for pending, prepared in items if pending.deliveries == 0]
-        if first_tries:
-            try:
-                pipe = self.counters.pipeline(transaction=False)
-                for pending, _ in first_tries:
-                    pipe.incr(keys.deliveries_key(pending.job.job_id))
-                    pipe.expire(keys.deliveries_key(pending.job.job_id), _COUNTER_TTL_S)
-                counts = pipe.execute()[::2]
-            except redis.RedisError as exc:
-                log.warning("cannot count deliveries (%s); poison detection paused for this batch", type(exc).__name__)
-                counts = [1] * len(first_tries)
-            for (pending, _), count in zip(first_tries, counts, strict=True):
-                pending.deliveries = int(count)
+        first_tries = [pending for pending, _ in items if pending.deliveries == 0]
+        counts = self.counters.count_deliveries([pending.job.job_id for pending in first_tries]) if first_tries else []
+        for pending, count in zip(first_tries, counts, strict=True):
+            pending.deliveries = count
         keep = []
         for pending, prepared in items:
             if pending.deliveries > self.settings.max_deliveries:
                 error = PoisonJob(
                     f"delivered {pending.deliveries} times without finishing (limit {self.settings.max_deliveries}); quarantined"
                 )
+                self.stats.poisoned += 1
+                log.error("job %s: %s", pending.job.job_id, error)
                 record = self._record(pending, status="failed", error=error, prepared=prepared, batch_size=batch_size)
                 outcomes.append(self._finish(pending, record))
             else:
@@ -214,32 +288,49 @@ class BatchRunner:
         return keep
 
     def _finish(self, pending: Pending, record: Record) -> Outcome:
-        """Persist the record (retrying while storage is down), then ask for the ack."""
+        """Persist the record (retrying while storage is down), then ask for the ack; inside infer(), left to complete()."""
+        if self._deferred is not None:
+            placeholder = Outcome(pending, "ack", record=record)
+            self._deferred.append((placeholder, record))
+            return placeholder
+        return self._store(pending, record)
+
+    def _store(self, pending: Pending, record: Record) -> Outcome:
         try:
             stored = self._persist(record)
         except TransientError as exc:
             log.warning("job %s: giving its message back, record not stored: %s", pending.job.job_id, exc)
             return Outcome(pending, "requeue")
-        if stored.status == "succeeded":
-            self.stats.jobs_done += 1
-        else:
-            self.stats.jobs_failed += 1
-            self._forget_submission(pending.job.job_id)
+        with self._stats_lock:  # complete() runs this on several threads
+            if stored.status == "succeeded":
+                self.stats.jobs_done += 1
+            else:
+                self.stats.jobs_failed += 1
+        if stored.status != "succeeded":
+            self.counters.forget_submission(pending.job.job_id)
         return Outcome(pending, "ack", record=stored)
 
     def _persist(self, record: Record) -> Record:
+        """S3 first (the authority), then the result backend; each retried until it works or shutdown.
+
+        An outage of our own stores never fails the job: the answer is kept and the message stays
+        unacked, so nothing is lost if the worker dies meanwhile.
+        """
+        stored = self._retry_store(lambda: self.store.write(record), record.job_id, "S3")
+        self._retry_store(lambda: self.store.publish(stored), record.job_id, "the result backend")
+        return stored
+
+    def _retry_store(self, write: Callable[[], Any], job_id: str, where: str) -> Any:
         delay = 0.5
         while True:
             try:
-                stored = self.store.write(record)
-                self.store.publish(stored)
-                return stored
+                return write()
             except TransientError as exc:
                 if self.stopping.is_set():
                     raise
-                log.warning("storing job %s failed (%s); retrying in %.1f s", record.job_id, exc, delay)
+                log.warning("storing job %s in %s failed (%s); retrying in %.1f s", job_id, where, exc, delay)
                 self._sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, _STORE_BACKOFF_CAP_S)
 
     def _mark_started(self, job_ids: list[str]) -> None:
         try:
@@ -247,24 +338,12 @@ class BatchRunner:
         except BackendUnavailable as exc:
             log.warning("could not mark jobs started: %s", exc)
 
-    def _count_execution(self, job_id: str) -> int:
-        self.stats.executions += 1
-        try:
-            count = int(self.counters.incr(keys.executions_key(job_id)))
-            self.counters.expire(keys.executions_key(job_id), _COUNTER_TTL_S)
-        except redis.RedisError:
-            return 1
-        if count > 1:
-            self.stats.duplicate_executions += 1
-            log.warning("job %s ran the model %d times (redelivery)", job_id, count)
-        return count
-
-    def _forget_submission(self, job_id: str) -> None:
-        """A failed job may be submitted again; drop the producer's 'already queued' mark."""
-        try:
-            self.counters.delete(keys.submitted_key(job_id))
-        except redis.RedisError:
-            pass
+    def _count_executions(self, job_ids: list[str]) -> list[int]:
+        """Count one model run per job before it starts (worker/counters.py)."""
+        counts = self.counters.count_executions(job_ids)
+        self.stats.executions += len(job_ids)
+        self.stats.duplicate_executions += sum(1 for count in counts if count > 1)
+        return counts
 
     def _record(
         self,

@@ -56,8 +56,7 @@ class RecordStore:
         """Write the record; return the record that S3 now holds for the job (the first one wins)."""
         body = record.model_dump_json().encode()
         if record.status == "failed":
-            self._put(keys.failed_key(self.prefix, record.job_id), body)
-            return record
+            return self._write_failed(record, body)
         key = keys.result_key(self.prefix, record.job_id)
         if not self._create(key, body):
             winner = self.existing(record.job_id)
@@ -66,6 +65,23 @@ class RecordStore:
                 return winner
         self._delete_quietly(keys.failed_key(self.prefix, record.job_id))
         return record
+
+    def _write_failed(self, record: Record, body: bytes) -> Record:
+        """A failed record never stands next to a success: a redelivered copy that failed loses to one that succeeded.
+
+        Checked before and after the write: a success created meanwhile either deleted our failed
+        record already (it deletes after creating) or is seen by the second check.
+        """
+        winner = self.existing(record.job_id)
+        if winner is None:
+            key = keys.failed_key(self.prefix, record.job_id)
+            self._put(key, body)
+            winner = self.existing(record.job_id)
+            if winner is None:
+                return record
+            self._delete_quietly(key)
+        log.info("job %s already succeeded elsewhere; its failure here is dropped", record.job_id)
+        return winner
 
     def _create(self, key: str, body: bytes) -> bool:
         """Create ``key`` unless it exists. False when it already existed."""

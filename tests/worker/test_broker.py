@@ -1,0 +1,93 @@
+"""The reliable queue on a real redis-server: a taken message is always queued or unacked, never neither."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+
+from producer import keys
+from producer.bulk import TaskMessages
+from producer.schema import GenerationSettings, Job, utcnow
+from worker.broker import MalformedMessage, RedisQueue, parse_envelope
+from worker.messages import decode_task_message
+
+
+@pytest.fixture()
+def queue(redis_url: str) -> RedisQueue:
+    q = RedisQueue.from_url(redis_url, queue="vqa")
+    yield q
+    q.close()
+
+
+def _raw(i: int) -> str:
+    job = Job(
+        job_id=f"job-{i}",
+        image_url="https://images.example/a.png",
+        question=f"question {i}?",
+        model="m",
+        generation=GenerationSettings(max_new_tokens=4),
+        submitted_at=utcnow(),
+    )
+    return TaskMessages(queue="vqa", reply_to=str(uuid.uuid4())).encode(job)
+
+
+def test_pop_takes_oldest_first_and_records_each_as_unacked(queue: RedisQueue) -> None:
+    client = queue.client
+    client.lpush("vqa", *(_raw(i) for i in range(5)))  # as producers push
+    taken = queue.pop(3)
+    assert [json.loads(d.raw)["headers"]["id"] for d in taken] == ["job-0", "job-1", "job-2"]
+    assert client.llen("vqa") == 2 and queue.unacked() == 3
+    assert set(client.hkeys(keys.unacked_key("vqa"))) == {d.tag.encode() for d in taken}
+    assert client.zcard(keys.unacked_index_key("vqa")) == 3
+    assert queue.pop(10)[-1] and queue.pop(10) == []
+
+
+def test_ack_forgets_and_requeue_puts_back_at_the_head(queue: RedisQueue) -> None:
+    queue.client.lpush("vqa", *(_raw(i) for i in range(3)))
+    first, second = queue.pop(2)
+    queue.ack(first.tag)
+    assert queue.requeue(second.tag) and not queue.requeue(second.tag)
+    assert queue.unacked() == 0
+    [again] = queue.pop(1)
+    assert again == second  # handed back to the head, same raw message, same tag
+
+
+def test_messages_past_the_visibility_timeout_come_back(queue: RedisQueue) -> None:
+    queue.client.lpush("vqa", _raw(1))
+    [taken] = queue.pop(1)
+    assert queue.restore_expired(60) == 0
+    time.sleep(1.1)
+    assert queue.restore_expired(1) == 1
+    assert queue.unacked() == 0 and queue.pop(1) == [taken]
+
+
+def test_envelope_from_a_producer_decodes_to_the_job(queue: RedisQueue) -> None:
+    queue.client.lpush("vqa", _raw(7))
+    [delivery] = queue.pop(1)
+    message = parse_envelope(delivery.tag, delivery.raw)
+    assert message.delivery_tag == delivery.tag and message.content_type == "application/json"
+    assert decode_task_message(message).job_id == "job-7"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"\x00\xff not json", b"[1, 2]", b"{}", json.dumps({"body": "", "properties": {}}).encode()],
+)
+def test_malformed_entries_are_refused_with_a_reason(raw: bytes) -> None:
+    with pytest.raises(MalformedMessage):
+        parse_envelope("tag", raw)
+
+
+def test_the_unacked_set_survives_a_redis_restart(redis_server: object, queue: RedisQueue) -> None:
+    """AOF with fsync always: what was taken before the crash is still recorded after it."""
+    queue.client.lpush("vqa", *(_raw(i) for i in range(4)))
+    taken = queue.pop(2)
+    redis_server.restart(kill=True)  # type: ignore[attr-defined]
+    assert queue.unacked() == 2 and queue.client.llen("vqa") == 2
+    taken += queue.pop(1)
+    for delivery in taken:
+        queue.ack(delivery.tag)  # acked after the restart, by tag
+    assert queue.unacked() == 0 and queue.client.llen("vqa") == 1

@@ -1,0 +1,71 @@
+"""Records in S3 against moto's server: the first success record wins, a failure never stands next to a success."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import boto3
+import pytest
+
+from producer import keys
+from producer.schema import ErrorInfo, GenerationSettings, Record, utcnow
+from producer.settings import Settings
+from worker.storage import RecordStore, make_s3_client
+
+
+def record(job_id: str, *, answer: str | None = "a cat", failed: bool = False) -> Record:
+    return Record(
+        job_id=job_id,
+        status="failed" if failed else "succeeded",
+        image_url="https://images.example/cat.png",
+        question="What is it?",
+        answer=None if failed else answer,
+        model="m",
+        quantization="none",
+        generation=GenerationSettings(max_new_tokens=4),
+        attempts=1,
+        executions=1,
+        worker="w",
+        batch_size=1,
+        submitted_at=utcnow(),
+        started_at=utcnow(),
+        finished_at=utcnow(),
+        error=ErrorInfo(code="timeout", message="slow host", retryable=True) if failed else None,
+    )
+
+
+@pytest.fixture()
+def store(s3_server: Any, bucket: str) -> tuple[RecordStore, Any]:
+    s3 = boto3.client("s3", endpoint_url=s3_server.url)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    settings = Settings(s3_endpoint_url=s3_server.url, s3_bucket=bucket)
+    return RecordStore(settings, s3_client=make_s3_client(settings), app=None), s3  # type: ignore[arg-type]
+
+
+def _versions(s3: Any, bucket: str, key: str) -> int:
+    return len([v for v in s3.list_object_versions(Bucket=bucket, Prefix=key).get("Versions", []) if v["Key"] == key])
+
+
+def test_second_success_write_does_not_overwrite_the_first(store: tuple[RecordStore, Any], bucket: str) -> None:
+    records, s3 = store
+    first = records.write(record("j1", answer="first"))
+    again = records.write(record("j1", answer="second"))
+    assert first.answer == again.answer == "first"
+    assert records.existing("j1").answer == "first"
+    assert _versions(s3, bucket, keys.result_key("", "j1")) == 1  # refused by If-None-Match, not overwritten
+
+
+def test_failure_after_a_success_is_dropped(store: tuple[RecordStore, Any], bucket: str) -> None:
+    records, s3 = store
+    records.write(record("j2"))
+    winner = records.write(record("j2", failed=True))
+    assert winner.status == "succeeded"
+    assert _versions(s3, bucket, keys.failed_key("", "j2")) == 0
+
+
+def test_success_after_a_failure_replaces_it(store: tuple[RecordStore, Any], bucket: str) -> None:
+    records, s3 = store
+    assert records.write(record("j3", failed=True)).status == "failed"
+    assert records.write(record("j3")).status == "succeeded"
+    current = {item["Key"] for item in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}
+    assert current == {keys.result_key("", "j3")}
