@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -11,10 +12,9 @@ import boto3
 import redis
 from botocore.exceptions import BotoCoreError, ClientError
 from celery import Celery
-from celery.exceptions import TimeoutError as CeleryTimeout
 from kombu.exceptions import OperationalError
 
-from producer import keys
+from producer import bulk, keys
 from producer.celery_app import make_celery
 from producer.errors import BackendUnavailable, InvalidJob, JobFailed, StorageUnavailable
 from producer.schema import GenerationSettings, Job, Record, derive_job_id, utcnow
@@ -22,6 +22,11 @@ from producer.settings import Settings
 
 # A queued-but-unfinished job is not enqueued again for this long.
 _SUBMITTED_TTL_FLOOR_S = 3600
+# A submission claim says "publishing" until the publish returned, then "queued" (see _claim_unqueued).
+_PUBLISHING = b"publishing"
+_QUEUED = b"queued"
+# A "publishing" claim left behind by a failed publish stops blocking resubmissions after this.
+_PUBLISHING_TTL_S = 15
 
 
 class VQAClient:
@@ -37,6 +42,10 @@ class VQAClient:
         self.app = app or make_celery(self.settings)
         self._redis = redis.Redis.from_url(self.settings.broker_url, socket_connect_timeout=5, socket_timeout=30)
         self._s3: Any = None
+        self._messages: bulk.TaskMessages | None = None
+        # This client's "publishing" claims carry its own token: a retry after a failed publish
+        # takes its own leftover claim over at once instead of waiting for it to expire.
+        self._claim_token = _PUBLISHING + b":" + uuid.uuid4().hex.encode()
 
     # -- building ---------------------------------------------------------------------------
 
@@ -85,17 +94,26 @@ class VQAClient:
         Each request is a mapping with ``image_url``, ``question`` and optionally
         ``idempotency_key``, ``max_new_tokens``, ``generation``. On any invalid one,
         :class:`InvalidJob` lists every bad line (1-based) and nothing is enqueued.
+        On a Redis broker the whole list costs a few round trips, not one per job
+        (see :mod:`producer.bulk`).
         """
         jobs: list[Job] = []
         problems: list[str] = []
         for line, request in enumerate(requests, start=1):
             try:
-                jobs.append(self.build_job(**_request_kwargs(request)))
-            except (InvalidJob, TypeError) as exc:
+                jobs.append(self.build_request(request))
+            except InvalidJob as exc:
                 problems.append(f"line {line}: {exc}")
         if problems:
             raise InvalidJob("; ".join(problems))
         return self.submit_jobs(jobs)
+
+    def build_request(self, request: Mapping[str, Any]) -> Job:
+        """Validate one request mapping as :meth:`submit_many` takes them; raise :class:`InvalidJob`."""
+        try:
+            return self.build_job(**_request_kwargs(request))
+        except TypeError as exc:  # e.g. "generation" that is no mapping
+            raise InvalidJob(str(exc)) from exc
 
     def submit_jobs(self, jobs: list[Job]) -> list[str]:
         """Enqueue already-built jobs, skipping those that are finished or already queued."""
@@ -104,22 +122,62 @@ class VQAClient:
         fresh = self._claim_unqueued(jobs)
         if fresh:
             self._publish(fresh)
+            self._mark_queued(fresh)
         return [job.job_id for job in jobs]
 
     def _claim_unqueued(self, jobs: list[Job]) -> list[Job]:
-        """Keep the jobs that have no success record and are not queued yet; mark them queued."""
-        ttl = max(_SUBMITTED_TTL_FLOOR_S, 2 * self.settings.visibility_timeout)
+        """Keep the jobs that have no success record and are not queued yet, claimed for publishing by us.
+
+        Only a "queued" claim (set once the publish returned) makes a resubmission a no-op. A
+        "publishing" claim is another producer publishing the job right now: we wait for it, so
+        two producers submitting the same jobs at once publish them once. It may also be left by
+        a publish that failed while Redis went away: this client's own is taken over at once,
+        another's expires after ``_PUBLISHING_TTL_S`` and we publish the job then, so a retried
+        submission is never swallowed.
+        """
         unique = list({job.job_id: job for job in jobs}.values())
         try:
             done = self._succeeded_ids([job.job_id for job in unique])
-            pipe = self._redis.pipeline(transaction=False)
-            candidates = [job for job in unique if job.job_id not in done]
-            for job in candidates:
-                pipe.set(keys.submitted_key(job.job_id), "1", nx=True, ex=ttl)
-            claimed = pipe.execute()
+        except redis.RedisError:
+            done = set()  # a shortcut only: workers answer a finished job from its S3 record
+        candidates = [job for job in unique if job.job_id not in done]
+        try:
+            mine, contested = self._try_claims(candidates)
+            deadline = time.monotonic() + _PUBLISHING_TTL_S + 1
+            while contested and time.monotonic() < deadline:
+                time.sleep(0.05)
+                won, contested = self._try_claims(contested)
+                mine += won
         except redis.RedisError as exc:
             raise BackendUnavailable(f"cannot reach Redis to submit jobs: {type(exc).__name__}") from exc
-        return [job for job, ok in zip(candidates, claimed, strict=True) if ok]
+        return mine + contested
+
+    def _try_claims(self, jobs: list[Job]) -> tuple[list[Job], list[Job]]:
+        """Claim each job (SET NX); return (claimed now, being published by someone else). Queued ones drop out."""
+        pipe = self._redis.pipeline(transaction=False)
+        for job in jobs:
+            pipe.set(keys.submitted_key(job.job_id), self._claim_token, nx=True, ex=_PUBLISHING_TTL_S)
+            pipe.get(keys.submitted_key(job.job_id))
+        replies = pipe.execute()
+        mine, contested = [], []
+        for job, claimed, value in zip(jobs, replies[::2], replies[1::2], strict=True):
+            if claimed or value == self._claim_token:
+                mine.append(job)
+            elif value is not None and value.startswith(_PUBLISHING):
+                contested.append(job)
+        return mine, contested
+
+    def _mark_queued(self, jobs: list[Job]) -> None:
+        ttl = max(_SUBMITTED_TTL_FLOOR_S, 2 * self.settings.visibility_timeout)
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for job in jobs:
+                pipe.set(keys.submitted_key(job.job_id), _QUEUED, ex=ttl)
+            pipe.execute()
+        except redis.RedisError:
+            # Published all the same. The "publishing" claim expires, and a resubmission then
+            # publishes again: a duplicate message the workers answer from the first record.
+            pass
 
     def _succeeded_ids(self, job_ids: list[str]) -> set[str]:
         backend = self.app.backend
@@ -131,6 +189,39 @@ class VQAClient:
         return done
 
     def _publish(self, jobs: list[Job]) -> None:
+        # Signed messages go through Celery's own publishing, which signs each one.
+        if self.settings.broker_url.startswith(bulk.REDIS_SCHEMES) and not self.settings.signs_messages:
+            self._publish_bulk(jobs)
+        else:
+            self._publish_one_by_one(jobs)
+
+    def _publish_bulk(self, jobs: list[Job]) -> None:
+        """LPUSH ready-made task messages, :data:`bulk.CHUNK` per command (see producer/bulk.py)."""
+        if self._messages is None:
+            prefix = (self.app.conf.broker_transport_options or {}).get("global_keyprefix", "")
+            self._messages = bulk.TaskMessages(queue=self.settings.queue, reply_to=self.app.thread_oid, key_prefix=prefix)
+        published = 0
+        try:
+            for start in range(0, len(jobs), bulk.CHUNK):
+                chunk = jobs[start : start + bulk.CHUNK]
+                # One LPUSH of many values is one atomic command, and keeps FIFO order (BRPOP takes the first pushed first).
+                self._redis.lpush(self._messages.key, *(self._messages.encode(job) for job in chunk))
+                published += len(chunk)
+        except redis.RedisError as exc:
+            # Not enqueued: free the claims so a retry of the submission goes through.
+            self._release_claims(jobs[published:])
+            raise BackendUnavailable(f"cannot publish to the broker: {type(exc).__name__}: {exc}") from exc
+
+    def _release_claims(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
+        try:
+            self._redis.delete(*(keys.submitted_key(job.job_id) for job in jobs))
+        except redis.RedisError:
+            pass  # they expire with their TTL
+
+    def _publish_one_by_one(self, jobs: list[Job]) -> None:
+        """Any other broker: Celery's own publishing, one message per call."""
         try:
             with self.app.producer_or_acquire() as producer:
                 for job in jobs:
@@ -142,8 +233,7 @@ class VQAClient:
                         producer=producer,
                     )
         except OperationalError as exc:
-            # Not enqueued: free the claims so a retry of the submission goes through.
-            self._redis.delete(*(keys.submitted_key(job.job_id) for job in jobs))
+            self._release_claims(jobs)
             raise BackendUnavailable(f"cannot publish to the broker: {exc}") from exc
 
     # -- reading ----------------------------------------------------------------------------
@@ -162,17 +252,17 @@ class VQAClient:
 
     def wait(self, job_id: str, *, timeout: float | None = None, poll_s: float = 0.2) -> Record:
         """Block until the job has a record. A failed job returns its failed record (status ``failed``)."""
+        # Poll the backend key rather than AsyncResult.get(): get() subscribes to Redis pub/sub
+        # and leaves a subscription behind that unsubscribes in __del__, long after close().
         deadline = None if timeout is None else time.monotonic() + timeout
-        result = self.app.AsyncResult(job_id)
-        try:
-            result.get(timeout=timeout, interval=poll_s, propagate=False)
-        except CeleryTimeout as exc:
-            raise TimeoutError(f"job {job_id} did not finish within {timeout} s") from exc
         while True:
-            record = self._record_from_backend(job_id) or self._record_from_s3(job_id)
+            record = self._record_from_backend(job_id)
             if record is not None:
                 return record
             if deadline is not None and time.monotonic() > deadline:
+                record = self._record_from_s3(job_id)  # the backend may have missed it; S3 is authoritative
+                if record is not None:
+                    return record
                 raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
             time.sleep(poll_s)
 

@@ -38,7 +38,7 @@ from redis.retry import Retry
 from producer import keys
 # The same refusals as kombu's guarded channel had (compressed or oversized bodies).
 from worker.messages import MAX_MESSAGE_BYTES, RefusedMessage
-from worker.messages import _check_envelope as check_envelope
+from worker.messages import check_envelope
 
 _POP = """
 local now = redis.call('TIME')

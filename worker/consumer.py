@@ -30,7 +30,7 @@ from producer.errors import InvalidJob, PermanentError, VQAError
 from producer.schema import Job
 from producer.settings import Settings
 from worker import visibility
-from worker.batching import MicroBatcher
+from worker.batching import MicroBatcher, prefetch_batches
 from worker.broker import Delivery, MalformedMessage, RedisQueue, parse_envelope
 from worker.ledger import Ledger
 from worker.messages import RefusedMessage, SignatureVerifier, decode_task_message, message_id
@@ -65,14 +65,16 @@ class BatchingConsumer:
             max_delay_s=settings.max_batch_delay_ms / 1000,
             max_tokens=settings.max_batch_tokens,
         )
-        # One batch in the model, one filling up behind it.
-        self.prefetch = 2 * settings.max_batch_size
+        # One batch in the model, one filling up behind it (and one more to choose from when padding-aware).
+        self.prefetch = prefetch_batches(settings.max_batch_tokens) * settings.max_batch_size
         self._fetch_pool = ThreadPoolExecutor(max_workers=settings.fetch_concurrency, thread_name_prefix="vqa-fetch")
         self._batches: queue.Queue[list[Pending] | None] = queue.Queue(maxsize=1)
         self._outcomes: queue.Queue[list[Outcome]] = queue.Queue()
         # Batches handed to the model thread whose outcomes are not back: at most one running
         # and one complete batch queued behind it, so the model never waits for this thread.
         self._in_flight = 0
+        self._handed = 0  # batches put on the model queue (consumer thread)
+        self._inferred = 0  # batches the model thread has finished with (model thread; only ever grows)
         self._fetching: dict[int, Pending] = {}  # id() -> job whose fetch/preprocess is running
         self._ready: queue.SimpleQueue[Pending] = queue.SimpleQueue()  # fetched, not yet batched
         self._delayed: list[Pending] = []  # transient failures waiting for their retry time
@@ -170,13 +172,22 @@ class BatchingConsumer:
         self._apply_outcomes()
         self._release_delayed()
         self._collect_ready()
-        while self._in_flight < 2 and self._batches.empty():
-            # Idle model: any due batch. Busy model: only a complete one, queued behind it.
-            batch = self.batcher.take(complete_only=self._in_flight > 0)
+        while self._batches.empty() and self._in_flight < 3:
+            model_busy = self._handed > self._inferred
+            # Idle model: any due batch. Busy model: only a complete one, queued behind it, and
+            # not while the writer still holds an earlier batch (its messages fill the prefetch).
+            if model_busy and (self._in_flight >= 2 or not self._worth_queueing()):
+                return
+            batch = self.batcher.take(complete_only=model_busy)
             if not batch:
                 return
             self._in_flight += 1
+            self._handed += 1
             self._batches.put(batch)
+
+    def _worth_queueing(self) -> bool:
+        """Padding-aware: choose the next batch from two batches' worth of ready jobs, not from whatever is ready first."""
+        return not self.settings.max_batch_tokens or len(self.batcher) >= 2 * self.settings.max_batch_size
 
     def _poll_timeout(self) -> float:
         due = self.batcher.next_due_in()
@@ -300,8 +311,10 @@ class BatchingConsumer:
                 self._check_visibility()
             except Exception:  # noqa: BLE001 - a bug here must not kill the thread and strand jobs
                 log.exception("batch of %d crashed; handing its jobs back", len(batch))
+                self._inferred += 1
                 self._outcomes.put([Outcome(pending, "requeue") for pending in batch])
                 continue
+            self._inferred += 1
             self._finishing.put((batch, finishing))
 
     def _writer_loop(self) -> None:

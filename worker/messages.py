@@ -5,7 +5,7 @@ Anyone who can write to the broker can put anything on the queue. A message beco
 reason and drops it (:class:`producer.errors.InvalidJob`), never crashing and never
 holding up the jobs around it.
 
-    _check_envelope(payload)     on the raw envelope, before the body is decoded: no compressed
+    check_envelope(payload)     on the raw envelope, before the body is decoded: no compressed
                                  bodies (kombu's Message would inflate them unbounded), no
                                  oversized ones (worker/broker.py calls it)
     decode_task_message(msg)     Celery task protocol 2 for ``vqa.answer`` only; JSON only
@@ -44,7 +44,7 @@ class RefusedMessage(ValueError):
     """The raw envelope is refused before its body is decoded: the message is dropped unread."""
 
 
-def _check_envelope(payload: dict[str, Any]) -> None:
+def check_envelope(payload: dict[str, Any]) -> None:
     """Refuse (RefusedMessage) an envelope whose body is compressed or over the size limit."""
     headers = payload.get("headers")
     task_id = _printable(headers.get("id")) if isinstance(headers, dict) else "?"

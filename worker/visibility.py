@@ -6,7 +6,7 @@ again. The clock starts when the worker *receives* the message, so the time it w
 prefetch buffer counts, not only the batch it runs in. The worst case on a healthy worker:
 
     max_batch_delay                              waiting for the batch to fill
-  + (batches ahead + 1) x batch time             the prefetch holds 2 batches, plus its own
+  + (batches ahead + 1) x batch time             the prefetch holds 2 batches (3 padding-aware), plus its own
   + max_attempts x fetch_timeout + backoffs      transient retries keep the message
   + a store allowance                            S3 and result backend writes
 
@@ -17,6 +17,7 @@ healthy worker has its jobs run twice (docs/reliability.md).
 from __future__ import annotations
 
 from producer.settings import Settings
+from worker.batching import prefetch_batches
 
 BATCHES_AHEAD = 2  # the prefetch is 2 x max_batch_size: at most two batches queue before a job's own
 STORE_ALLOWANCE_S = 2.0
@@ -32,7 +33,7 @@ def hold_budget_s(settings: Settings, *, batch_s: float) -> float:
     """The longest a healthy worker holds a message, for batches taking ``batch_s`` seconds."""
     return (
         settings.max_batch_delay_ms / 1000
-        + (BATCHES_AHEAD + 1) * batch_s
+        + (prefetch_batches(settings.max_batch_tokens) + 1) * batch_s
         + settings.max_attempts * settings.fetch_timeout_s
         + retry_backoff_total_s(settings.max_attempts)
         + STORE_ALLOWANCE_S
@@ -49,6 +50,6 @@ def check(settings: Settings, *, batch_s: float) -> str | None:
     return (
         f"VQA_VISIBILITY_TIMEOUT={settings.visibility_timeout} s is below {wanted:.0f} s, twice the "
         f"{budget:.1f} s a healthy worker may hold a message ({measured}: batch delay, "
-        f"{BATCHES_AHEAD + 1} batches, {settings.max_attempts} fetch attempts with backoff); "
+        f"{prefetch_batches(settings.max_batch_tokens) + 1} batches, {settings.max_attempts} fetch attempts with backoff); "
         "slow jobs may be handed to a second worker and run twice"
     )

@@ -1,0 +1,140 @@
+"""Turn one benchmark result (a dict, also written as JSON) into a Markdown report and a PNG plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def targets(result: dict[str, Any], *, at_batch: int) -> list[dict[str, Any]]:
+    """The CPU targets of issue 5, each with the measured value and whether it holds."""
+    rows: list[dict[str, Any]] = []
+    point = next((p for p in result.get("throughput", []) if p["batch_size"] == at_batch), None)
+    if point is not None:
+        rows.append(_target(f"end-to-end / direct at batch {at_batch}", ">= 0.95", point["e2e_ratio"], point["e2e_ratio"] is not None and point["e2e_ratio"] >= 0.95))
+        rows.append(_target(f"100 ms image latency: throughput vs. no latency (batch {at_batch})", ">= 0.90", point["delay_ratio"],
+                            point["delay_ratio"] is not None and point["delay_ratio"] >= 0.90))
+    enqueue = result.get("enqueue")
+    if enqueue:
+        rows.append(_target("bulk enqueue / send_task loop", ">= 3x", enqueue["bulk_vs_send_task_loop"], enqueue["bulk_vs_send_task_loop"] >= 3))
+    memory = result.get("memory")
+    if memory:
+        growth = memory["rss_growth_second_half_mib"]
+        # "No growth": under 1% of the RSS (or 2 MiB) over the second half of the run.
+        limit = max(2.0, 0.01 * memory["rss_mib_end"])
+        rows.append(_target(f"worker RSS growth over the 2nd half of {memory['jobs']} jobs (MiB)", f"<= {limit:.1f}", growth,
+                            growth is not None and growth <= limit))
+    return rows
+
+
+def _target(name: str, goal: str, measured: Any, holds: bool) -> dict[str, Any]:
+    return {"target": name, "goal": goal, "measured": measured, "holds": bool(holds)}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    lines = [
+        f"# Benchmark results ({meta['profile']} profile)",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Run at {meta['started_at']} on {meta['host']['cpu_model']} ({meta['host']['cpus']} CPUs), "
+        f"torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}; took {meta['duration_s']:.0f} s.  ",
+        f"Load average (1 min) during the run: min {meta['load']['min']}, mean {meta['load']['mean']}, max {meta['load']['max']} "
+        f"({meta['load']['samples']} samples).  ",
+        f"Model: `{meta['model']['size']}` random-weight LLaVA-NeXT ({meta['model']['parameters_m']} M parameters, "
+        f"{meta['model']['prompt_tokens']} prompt tokens per uniform job), quantization {meta['model']['quantization']}, "
+        f"{meta['generation']['max_new_tokens']} new tokens per answer (forced).",
+        "",
+        "## Throughput (images/s)",
+        "",
+        "| batch | direct | end-to-end | e2e / direct | e2e, 100 ms images | 100 ms / e2e | mean batch (e2e) | model busy (e2e) | model busy (100 ms) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in result.get("throughput", []):
+        lines.append(
+            f"| {p['batch_size']} | {p['direct_ips']} | {p['e2e_ips']} | {p['e2e_ratio']} | {p['delay_ips']} | {p['delay_ratio']} "
+            f"| {p['e2e_mean_batch']} | {p['e2e_utilisation']} | {p['delay_utilisation']} |"
+        )
+    latency = result.get("latency")
+    if latency:
+        lines += ["", f"## Latency, submit to record (open loop, Poisson arrivals)", "",
+                  f"Worker settings: {latency['settings']}; capacity {latency['capacity_per_s']} jobs/s (end-to-end, batch {latency['batch_size']}).", "",
+                  "| load | rate (jobs/s) | jobs | p50 ms | p95 ms | p99 ms | max ms | mean batch |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for run in latency["runs"]:
+            lines.append(f"| {run['load']:.0%} | {run['rate_per_s']} | {run['jobs']} | {run['p50_ms']} | {run['p95_ms']} | {run['p99_ms']} "
+                         f"| {run['max_ms']} | {run['mean_batch_size']} |")
+    padding = result.get("padding")
+    if padding:
+        d = padding["direct"]
+        lines += ["", "## Padding-aware batching (mixed image shapes)", "",
+                  f"{d['images']} jobs, prompts of {d['prompt_tokens']['min']}-{d['prompt_tokens']['max']} tokens "
+                  f"({d['prompt_tokens']['distinct']} distinct), batch {d['batch_size']}, VQA_MAX_BATCH_TOKENS={d['max_batch_tokens']}.", "",
+                  "| where | batching | padding efficiency | images/s | mean batch |", "|---|---|---:|---:|---:|"]
+        for label in ("fifo", "padding_aware"):
+            lines.append(f"| model alone | {label} | {d[label]['padding_efficiency']} | {d[label]['images_per_s']} | {d[label]['mean_batch_size']} |")
+        for label, run in padding.get("end_to_end", {}).items():
+            lines.append(f"| end-to-end | {label} | {run.get('padding_efficiency')} | {run['images_per_s']} | {run['mean_batch_size']} |")
+    enqueue = result.get("enqueue")
+    if enqueue:
+        lines += ["", f"## Enqueue rate ({enqueue['jobs']} jobs)", "", "| path | jobs/s |", "|---|---:|"]
+        for label in ("send_task_loop", "send_task_shared_producer", "submit_loop", "submit_many"):
+            lines.append(f"| {label} | {enqueue[label]['jobs_per_s']} |")
+        lines.append(f"\nBulk (`submit_many`, validation and dedupe included) vs. plain `send_task` loop: **{enqueue['bulk_vs_send_task_loop']}x**; "
+                     f"vs. a loop sharing one producer: {enqueue['bulk_vs_shared_producer_loop']}x.")
+    memory = result.get("memory")
+    if memory:
+        lines += ["", f"## Worker memory ({memory['jobs']} jobs, {memory['model']} model)", "",
+                  f"{memory['seconds']} s, {memory['jobs_per_s']} jobs/s, {memory['failed']} failed. RSS MiB: first sample {memory['rss_mib_first']}, "
+                  f"at half {memory['rss_mib_at_half']}, end {memory['rss_mib_end']}, max {memory['rss_mib_max']}; growth over the second half "
+                  f"{memory['rss_growth_second_half_mib']} MiB, slope {memory['rss_slope_mib_per_1000_jobs']} MiB per 1000 jobs."]
+    lines += ["", "## Targets", "", "| target | goal | measured | holds |", "|---|---|---:|---|"]
+    for row in result.get("targets", []):
+        lines.append(f"| {row['target']} | {row['goal']} | {row['measured']} | {'yes' if row['holds'] else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    """Throughput, latency and memory in one PNG; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    points = result.get("throughput", [])
+    if points:
+        sizes = [p["batch_size"] for p in points]
+        for key, label in (("direct_ips", "model alone"), ("e2e_ips", "end-to-end"), ("delay_ips", "end-to-end, +100 ms per image")):
+            axes[0].plot(sizes, [p[key] for p in points], marker="o", label=label)
+        axes[0].set_xscale("log", base=2)
+        axes[0].set_xticks(sizes, [str(s) for s in sizes])
+        axes[0].set_xlabel("max batch size")
+        axes[0].set_ylabel("images/s")
+        axes[0].set_title("Throughput")
+        axes[0].legend()
+    latency = result.get("latency")
+    if latency:
+        runs = latency["runs"]
+        width = 0.25
+        for i, key in enumerate(("p50_ms", "p95_ms", "p99_ms")):
+            axes[1].bar([j + (i - 1) * width for j in range(len(runs))], [r[key] for r in runs], width, label=key.removesuffix("_ms"))
+        axes[1].set_xticks(range(len(runs)), [f"{r['load']:.0%} load\n{r['rate_per_s']}/s" for r in runs])
+        axes[1].set_ylabel("submit to record, ms")
+        axes[1].set_title(f"Latency (batch {latency['batch_size']})")
+        axes[1].legend()
+    memory = result.get("memory")
+    if memory:
+        samples = memory["samples"]
+        axes[2].plot([s["jobs_done"] for s in samples], [s["rss_mib"] for s in samples])
+        axes[2].set_xlabel("jobs done")
+        axes[2].set_ylabel("worker RSS, MiB")
+        axes[2].set_title(f"Worker memory ({memory['model']} model)")
+        low = min(s["rss_mib"] for s in samples)
+        axes[2].set_ylim(bottom=0, top=max(s["rss_mib"] for s in samples) * 1.1 if low else None)
+    fig.suptitle(f"vqa-queue benchmark ({result['meta']['profile']}, {result['meta']['host']['cpus']} CPUs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

@@ -1,0 +1,332 @@
+"""GPU figures for the full llava-v1.6-vicuna-7b architecture with random weights.
+
+    .venv/bin/python scripts/gpu_bench.py                      # on a GPU host: 7B, every variant
+    .venv/bin/python scripts/gpu_bench.py --config small       # any machine, seconds: tests the script
+
+Builds ``LlavaNextForConditionalGeneration`` from a config committed in the repo
+(bench/llava-v1.6-vicuna-7b-config.json) directly on the device in half precision, so no
+checkpoint is downloaded; ``nf4`` replaces every linear layer but ``lm_head`` with a
+bitsandbytes ``Linear4bit``, as ``from_pretrained(load_in_4bit=True)`` does. For each variant
+(dtype x attention kernel) it measures images/s, prompt tokens/s (prefill) and generated
+tokens/s (decode) at batch sizes 1, 2, 4, ... until out of memory, plus the model card's
+one-image-at-a-time loop as the baseline, all in one run. Every answer is forced to the
+same length (min_new_tokens = max_new_tokens) so random weights cannot stop early.
+
+The prompt is the model card's; without the Vicuna tokenizer its text part is stood in for by
+``--text-tokens`` random ids (about what the card's prompt tokenizes to), and the image part
+is exactly the anyres token count the real processor computes for the picture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = {"7b": ROOT / "bench/llava-v1.6-vicuna-7b-config.json", "small": ROOT / "bench/llava-next-small-config.json"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="7b", help="7b, small, or a config.json path")
+    parser.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
+    parser.add_argument("--variants", help="comma-separated dtype:attention pairs, e.g. fp16:sdpa,nf4:sdpa "
+                        "(default: half precision and nf4, each with sdpa and, where installed, flash_attention_2)")
+    parser.add_argument("--batch-sizes", default="1,2,4,8,16,32", help="tried in order until one runs out of memory")
+    parser.add_argument("--max-new-tokens", type=int, default=100, help="forced answer length (the card uses 100)")
+    parser.add_argument("--text-tokens", type=int, default=50, help="prompt text tokens around the image tokens")
+    parser.add_argument("--image-size", default="640x480", help="WxH of the picture (anyres grid and token count follow)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed batches per point (after one warm-up)")
+    parser.add_argument("--baseline-images", type=int, default=8, help="images through the card's one-at-a-time loop")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs/benchmarks/gpu", help="gpu_results.{json,md} go here")
+    args = parser.parse_args(argv)
+
+    device = _device(args.device)
+    config_path = Path(CONFIGS.get(args.config, args.config))
+    width, height = (int(v) for v in args.image_size.lower().split("x"))
+    variants = _variants(args.variants, device)
+    result: dict[str, Any] = {"meta": _meta(args, device, config_path, argv), "variants": []}
+    image = _picture(width, height)
+    baseline_done = False
+    for dtype_name, attn in variants:
+        say(f"variant {dtype_name} + {attn}")
+        entry: dict[str, Any] = {"dtype": dtype_name, "attention": attn}
+        try:
+            model, processor, build_s = build(config_path, device=device, dtype_name=dtype_name, attn=attn)
+        except (ImportError, RuntimeError, ValueError) as exc:
+            entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            result["variants"].append(entry)
+            continue
+        prompt = _prompt(model, processor, image, text_tokens=args.text_tokens)
+        entry.update(build_s=round(build_s, 1), weights_gib=round(_weights_bytes(model) / 2**30, 2), prompt_tokens=prompt["tokens"],
+                     image_tiles=prompt["tiles"])
+        if not baseline_done and not dtype_name.startswith("nf4"):
+            # The model card: fp16, one image at a time, preprocessing inside the loop.
+            result["baseline"] = {"dtype": dtype_name, "attention": attn,
+                                  **card_loop(model, processor, image, prompt, images=args.baseline_images, new_tokens=args.max_new_tokens)}
+            baseline_done = True
+        entry["batches"] = sweep(model, prompt, batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
+                                 new_tokens=args.max_new_tokens, repeats=args.repeats)
+        result["variants"].append(entry)
+        del model
+        _free(device)
+    result["meta"]["duration_s"] = round(time.monotonic() - START, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "gpu_results.md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"wrote {args.out}/gpu_results.json and gpu_results.md")
+    return 0
+
+
+START = time.monotonic()
+
+
+def _device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    return "cuda:0" if requested == "cuda" else requested
+
+
+def _half(device: str) -> str:
+    if device == "cpu":
+        return "fp32"  # half precision on CPU is slow and partly unsupported
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def _variants(spec: str | None, device: str) -> list[tuple[str, str]]:
+    if spec:
+        return [tuple(part.split(":", 1)) for part in spec.split(",")]  # type: ignore[misc]
+    from transformers.utils import is_flash_attn_2_available
+
+    kernels = ["sdpa"] + (["flash_attention_2"] if device != "cpu" and is_flash_attn_2_available() else [])
+    # fp16 first: the card's own setting, also the baseline's.
+    half = "fp16" if device != "cpu" else "fp32"
+    dtypes = [half] + (["bf16"] if device != "cpu" and torch.cuda.is_bf16_supported() else []) + ["nf4"]
+    return [(d, k) for d in dtypes for k in kernels]
+
+
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def build(config_path: Path, *, device: str, dtype_name: str, attn: str) -> tuple[Any, Any, float]:
+    """The architecture with random weights, built in place on the device; nf4 quantized layer by layer."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil
+
+    raw = json.loads(config_path.read_text())
+    raw.pop("_note", None)
+    config = LlavaNextConfig.from_dict(raw)
+    side = config.vision_config.image_size
+    processor = LlavaNextImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                                           image_grid_pinpoints=config.image_grid_pinpoints)
+    compute = _DTYPES[_half(device) if dtype_name == "nf4" else dtype_name]
+    start = time.monotonic()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaNextForConditionalGeneration._from_config(config, dtype=compute, attn_implementation=attn)
+    model.eval()
+    if dtype_name == "nf4":
+        _to_nf4(model, compute, device)
+    model.generation_config.pad_token_id = config.text_config.pad_token_id or 0
+    model.generation_config.eos_token_id = 2
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return model, processor, time.monotonic() - start
+
+
+def _to_nf4(model: Any, compute: torch.dtype, device: str) -> None:
+    import bitsandbytes as bnb
+
+    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and name != "lm_head"]
+    for name, linear in targets:
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=compute,
+                                quant_type="nf4", device="meta")
+        new.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
+        if linear.bias is not None:
+            new.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+        setattr(parent, name.rsplit(".", 1)[-1], new.to(device))  # moving a Params4bit quantizes it
+    gc.collect()
+
+
+def _picture(width: int, height: int) -> Image.Image:
+    image = Image.new("RGB", (width, height), (40, 120, 200))
+    ImageDraw.Draw(image).rectangle([width // 4, height // 4, width // 2, height // 2], fill=(250, 200, 10))
+    return image
+
+
+def _prompt(model: Any, processor: Any, image: Image.Image, *, text_tokens: int) -> dict[str, Any]:
+    """input_ids of the card's prompt shape: <s>, text, the image's anyres tokens, text."""
+    pixels = processor([image], return_tensors="pt")
+    n_image = image_token_count(model.config, image.height, image.width)
+    vocab = model.config.text_config.vocab_size
+    text = torch.randint(3, min(vocab, model.config.image_token_id) - 1, (text_tokens,), generator=torch.Generator().manual_seed(0))
+    split = text_tokens * 3 // 4  # the system prompt and "USER:" come before the image, the question after
+    ids = torch.cat([torch.tensor([1]), text[:split], torch.full((n_image,), model.config.image_token_id), text[split:]])
+    return {"input_ids": ids, "pixel_values": pixels["pixel_values"][0], "image_size": pixels["image_sizes"][0],
+            "tokens": int(ids.shape[0]), "tiles": int(pixels["pixel_values"].shape[1])}
+
+
+def image_token_count(config: Any, height: int, width: int) -> int:
+    """LlavaNextProcessor's count: base tile + unpadded anyres grid + one newline per row (CLS dropped)."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    side, patch = config.vision_config.image_size, config.vision_config.patch_size
+    best_h, best_w = select_best_resolution([height, width], config.image_grid_pinpoints)
+    per_side = side // patch
+    # Mirrors LlavaNextProcessor._get_unpadded_features (tests/test_bench_harness.py checks it).
+    rows, cols = per_side * (best_h // side), per_side * (best_w // side)
+    if width / height > cols / rows:
+        rows -= 2 * ((rows - int(round(height * (cols / width), 7))) // 2)
+    else:
+        cols -= 2 * ((cols - int(round(width * (rows / height), 7))) // 2)
+    return rows * cols + rows + per_side * per_side
+
+
+def _inputs(prompt: dict[str, Any], batch: int, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {
+        "input_ids": prompt["input_ids"].unsqueeze(0).repeat(batch, 1).to(device),
+        "attention_mask": torch.ones(batch, prompt["tokens"], dtype=torch.long, device=device),
+        "pixel_values": prompt["pixel_values"].unsqueeze(0).repeat(batch, 1, 1, 1, 1).to(device, dtype),
+        "image_sizes": prompt["image_size"].unsqueeze(0).repeat(batch, 1).to(device),
+    }
+
+
+def _timed_generate(model: Any, inputs: dict[str, torch.Tensor], new_tokens: int) -> float:
+    device = inputs["input_ids"].device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def sweep(model: Any, prompt: dict[str, Any], *, batch_sizes: list[int], new_tokens: int, repeats: int) -> list[dict[str, Any]]:
+    """Images/s, prefill tokens/s and decode tokens/s per batch size, until out of memory."""
+    device = str(model.device)
+    dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+    rows: list[dict[str, Any]] = []
+    for batch in batch_sizes:
+        say(f"  batch {batch}")
+        try:
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats(device)
+            inputs = _inputs(prompt, batch, device, dtype)
+            _timed_generate(model, inputs, new_tokens)  # warm-up
+            full = min(_timed_generate(model, inputs, new_tokens) for _ in range(repeats))
+            prefill = min(_timed_generate(model, inputs, 1) for _ in range(repeats))
+        except torch.OutOfMemoryError:
+            rows.append({"batch_size": batch, "oom": True})
+            _free(device)
+            break
+        decode = max(full - prefill, 1e-9)
+        row = {
+            "batch_size": batch,
+            "ms_per_batch": round(1000 * full, 1),
+            "images_per_s": round(batch / full, 3),
+            "prefill_ms": round(1000 * prefill, 1),
+            "prompt_tokens_per_s": round(batch * prompt["tokens"] / prefill, 1),
+            "generated_tokens_per_s": round(batch * (new_tokens - 1) / decode, 1),
+        }
+        if device.startswith("cuda"):
+            row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        rows.append(row)
+        del inputs
+    return rows
+
+
+def card_loop(model: Any, processor: Any, image: Image.Image, prompt: dict[str, Any], *, images: int, new_tokens: int) -> dict[str, Any]:
+    """The model card's loop: per image, preprocess, move to the device, generate alone."""
+    device = str(model.device)
+    dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+
+    def one() -> None:
+        pixels = processor([image], return_tensors="pt")
+        single = {**prompt, "pixel_values": pixels["pixel_values"][0], "image_size": pixels["image_sizes"][0]}
+        _timed_generate(model, _inputs(single, 1, device, dtype), new_tokens)
+
+    one()  # warm-up
+    start = time.perf_counter()
+    for _ in range(images):
+        one()
+    seconds = time.perf_counter() - start
+    return {"images": images, "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 3),
+            "generated_tokens_per_s": round(images * new_tokens / seconds, 1)}
+
+
+def _weights_bytes(model: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def _meta(args: argparse.Namespace, device: str, config_path: Path, argv: list[str] | None) -> dict[str, Any]:
+    import transformers
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+                "cuda": torch.version.cuda}
+    for package in ("bitsandbytes", "flash_attn"):
+        try:
+            versions[package] = __import__(package).__version__
+        except Exception:  # noqa: BLE001 - absent or broken: say so, do not fail the run
+            versions[package] = None
+    card = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu ({platform.processor() or platform.machine()})"
+    return {
+        "command": " ".join(shlex.quote(p) for p in ["python", "scripts/gpu_bench.py", *(sys.argv[1:] if argv is None else argv)]),
+        "device": device, "card": card, "versions": versions,
+        "config": str(config_path.relative_to(ROOT)) if config_path.is_relative_to(ROOT) else str(config_path),
+        "config_sha256": hashlib.sha256(config_path.read_bytes()).hexdigest()[:16],
+        "max_new_tokens": args.max_new_tokens, "text_tokens": args.text_tokens, "image_size": args.image_size,
+        "repeats": args.repeats, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    lines = [f"# GPU benchmark: {meta['card']}", "", f"Command: `{meta['command']}`  ",
+             f"Config {meta['config']} (sha256 {meta['config_sha256']}), versions {meta['versions']}.  ",
+             f"Picture {meta['image_size']}, {meta['max_new_tokens']} new tokens forced per answer; took {meta.get('duration_s', '?')} s.", ""]
+    base = result.get("baseline")
+    if base:
+        lines += [f"Model card loop (one image at a time, {base['dtype']}, {base['attention']}): **{base['images_per_s']} images/s**, "
+                  f"{base['generated_tokens_per_s']} generated tokens/s.", ""]
+    lines += ["| dtype | attention | batch | images/s | x card | prompt tok/s | generated tok/s | prefill ms | peak GiB |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for v in result["variants"]:
+        if "error" in v:
+            lines.append(f"| {v['dtype']} | {v['attention']} | - | {v['error']} | | | | | |")
+            continue
+        for row in v["batches"]:
+            if row.get("oom"):
+                lines.append(f"| {v['dtype']} | {v['attention']} | {row['batch_size']} | out of memory | | | | | |")
+                continue
+            speedup = round(row["images_per_s"] / base["images_per_s"], 2) if base else ""
+            lines.append(f"| {v['dtype']} | {v['attention']} | {row['batch_size']} | {row['images_per_s']} | {speedup} "
+                         f"| {row['prompt_tokens_per_s']} | {row['generated_tokens_per_s']} | {row['prefill_ms']} | {row.get('peak_memory_gib', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def say(text: str) -> None:
+    print(f"[gpu_bench {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

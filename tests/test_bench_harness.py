@@ -1,0 +1,100 @@
+"""The benchmark scripts themselves: `scripts/bench.py --profile tiny` and `scripts/gpu_bench.py --config small` on the CPU.
+
+Their figures mean nothing at these sizes; what is tested is that every section runs, reports
+what the docs say it reports, and that the JSON a GPU run would commit is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+
+pytestmark = pytest.mark.slow
+
+
+def _run(args: list[str], *, timeout: float) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_bench_tiny_profile_measures_every_section(tmp_path: Path) -> None:
+    _run([str(SCRIPTS / "bench.py"), "--profile", "tiny", "--out", str(tmp_path)], timeout=240)
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "results.md").read_text().startswith("# Benchmark results (tiny profile)")
+
+    [point] = result["throughput"]
+    assert point["direct_ips"] > 0 and point["e2e_ips"] > 0 and point["delay_ips"] > 0
+    assert point["e2e_ratio"] > 0 and point["delay_ratio"] > 0
+    for run in (*result["end_to_end"], *result["end_to_end_delay"]):
+        assert run["failed"] == 0 and run["jobs"] == 12
+        assert 0 < run["model_utilisation"] <= 1.5
+    assert all(run["fetch_ms_mean"] >= 100 for run in result["end_to_end_delay"])  # the image server's latency is real
+
+    latency = result["latency"]
+    assert [run["load"] for run in latency["runs"]] == [0.5, 0.9]
+    for run in latency["runs"]:
+        assert run["failed"] == 0 and 0 < run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"] <= run["max_ms"]
+    assert "VQA_MAX_BATCH_SIZE=4" in latency["settings"] and "VQA_MAX_BATCH_TOKENS" in latency["settings"]
+
+    padding = result["padding"]["direct"]
+    assert padding["prompt_tokens"]["distinct"] > 1  # mixed shapes really differ in image tokens
+    assert padding["padding_aware"]["padding_efficiency"] >= padding["fifo"]["padding_efficiency"] - 1e-9
+
+    enqueue = result["enqueue"]
+    assert enqueue["submit_many"]["jobs_per_s"] > enqueue["send_task_loop"]["jobs_per_s"]
+
+    memory = result["memory"]
+    assert memory["jobs"] == 40 and memory["failed"] == 0
+    assert memory["samples"][-1]["jobs_done"] == 40 and memory["rss_mib_end"] > 0
+
+    assert {row["target"].split(" ")[0] for row in result["targets"]} >= {"end-to-end", "100", "bulk", "worker"}
+    meta = result["meta"]
+    assert meta["load"]["samples"] >= 1 and meta["versions"]["torch"] and "--profile tiny" in meta["command"]
+    if (tmp_path / "results.png").exists():  # matplotlib is optional
+        assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gpu_bench_small_config_on_cpu(tmp_path: Path) -> None:
+    _run([str(SCRIPTS / "gpu_bench.py"), "--config", "small", "--device", "cpu", "--out", str(tmp_path), "--batch-sizes", "1,2",
+          "--max-new-tokens", "4", "--repeats", "1", "--baseline-images", "2"], timeout=180)
+    result = json.loads((tmp_path / "gpu_results.json").read_text())
+    meta = result["meta"]
+    # What a later GPU run must record to be committed as is.
+    assert meta["card"] and meta["command"].startswith("python scripts/gpu_bench.py --config small")
+    assert {"torch", "transformers", "bitsandbytes", "cuda", "flash_attn"} <= set(meta["versions"])
+    assert meta["config"] == "bench/llava-next-small-config.json"
+    assert result["baseline"]["images_per_s"] > 0
+    assert [(v["dtype"], v["attention"]) for v in result["variants"]] == [("fp32", "sdpa"), ("nf4", "sdpa")]
+    for variant in result["variants"]:
+        assert [row["batch_size"] for row in variant["batches"]] == [1, 2]
+        for row in variant["batches"]:
+            assert row["images_per_s"] > 0 and row["prompt_tokens_per_s"] > 0 and row["generated_tokens_per_s"] > 0
+    assert "| nf4 | sdpa | 2 |" in (tmp_path / "gpu_results.md").read_text()
+
+
+def test_gpu_bench_counts_image_tokens_like_the_processor(tiny_model_dir: Path) -> None:
+    """gpu_bench has no tokenizer for the 7B: its image-token count must equal the real processor's."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from gpu_bench import image_token_count
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    from PIL import Image
+    from transformers import LlavaNextConfig, LlavaNextProcessor
+
+    processor = LlavaNextProcessor.from_pretrained(tiny_model_dir)
+    config = LlavaNextConfig.from_pretrained(tiny_model_dir)
+    for width, height in [(640, 480), (480, 640), (1000, 250), (33, 77), (96, 96), (300, 500)]:
+        encoded = processor(images=[Image.new("RGB", (width, height))], text=["<image>"], return_tensors="pt")
+        expected = int((encoded["input_ids"] == config.image_token_id).sum())
+        assert image_token_count(config, height, width) == expected, (width, height)
