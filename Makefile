@@ -29,6 +29,7 @@ test: env
 	$(BIN)/python -m pytest
 
 bench: env
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python scripts/bench.py
 
 clean:

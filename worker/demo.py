@@ -75,7 +75,8 @@ def run_demo(settings: Settings, *, jobs: int = 8) -> int:
                 started = time.perf_counter()
                 for index in range(jobs):
                     url = f"{images_url}/{samples[index % len(samples)]}"
-                    question = QUESTIONS[index % len(QUESTIONS)]
+                    # Shift the question each round so every (image, question) pair is a different job.
+                    question = QUESTIONS[(index + index // len(samples)) % len(QUESTIONS)]
                     submitted.append((client.submit(url, question), url, question))
                 _say(f"submitted {len(submitted)} jobs\n")
                 failures = 0
@@ -93,7 +94,7 @@ def run_demo(settings: Settings, *, jobs: int = 8) -> int:
                 _say(
                     "\nThese answers come from a tiny model with random weights: they are random text, not descriptions.\n"
                     "For real answers run the 7B model on a GPU:\n"
-                    "  VQA_MODEL=llava-hf/llava-v1.6-vicuna-7b-hf VQA_DEVICE=cuda make demo\n"
+                    "  TORCH_SPEC=torch VQA_MODEL=llava-hf/llava-v1.6-vicuna-7b-hf VQA_DEVICE=cuda make demo\n"
                     "or the docker recipe (docker/compose.yaml), see README.md."
                 )
             return 1 if failures else 0
