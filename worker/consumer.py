@@ -214,8 +214,19 @@ class BatchingConsumer:
         # The batcher only gets jobs whose image is fetched and preprocessed: a batch never
         # waits on a slow download, and padding-aware batching needs the prompt length.
         self._fetching[id(pending)] = pending
-        pending.prepared = self._fetch_pool.submit(self._safe_prepare, pending.job)
-        pending.prepared.add_done_callback(lambda _future, pending=pending: self._ready.put(pending))
+        pending.prepared = None  # a retry fetches again
+        self._fetch_pool.submit(self._prepare_into, pending)
+
+    def _prepare_into(self, pending: Pending) -> None:
+        """Fetch pool: store the result on the job itself, then hand it to the consumer thread.
+
+        Not a Future with a done-callback: the future would keep its callback, the callback the
+        job, and the job the future, a reference cycle that holds each job's pixel values until
+        a full garbage collection (rare beside a loaded model); the worker grew ~10 MiB per
+        1,000 jobs that way (docs/benchmarks/README.md).
+        """
+        pending.prepared = self._safe_prepare(pending.job)
+        self._ready.put(pending)
 
     def _collect_ready(self) -> None:
         while True:
@@ -225,7 +236,7 @@ class BatchingConsumer:
                 return
             if self._fetching.pop(id(pending), None) is None:
                 continue  # handed back on shutdown meanwhile
-            prepared = pending.prepared.result() if pending.prepared else Prepared()
+            prepared = pending.prepared or Prepared()
             needs_model = prepared.inputs is not None or prepared.image is not None
             # Jobs that need no model (record exists, fetch failed) are batched apart from those that do.
             key = pending.job.generation if needs_model else ("no-model", pending.job.generation)
@@ -313,9 +324,11 @@ class BatchingConsumer:
                 log.exception("batch of %d crashed; handing its jobs back", len(batch))
                 self._inferred += 1
                 self._outcomes.put([Outcome(pending, "requeue") for pending in batch])
+                del batch  # an idle worker keeps no finished batch's tensors alive
                 continue
             self._inferred += 1
             self._finishing.put((batch, finishing))
+            del batch, finishing
 
     def _writer_loop(self) -> None:
         while True:
@@ -329,6 +342,7 @@ class BatchingConsumer:
                 log.exception("storing the records of a batch of %d crashed; handing its jobs back", len(batch))
                 outcomes = [Outcome(pending, "requeue") for pending in batch]
             self._outcomes.put(outcomes)
+            del item, batch, finishing, outcomes  # as in _model_loop
 
     def _check_visibility(self) -> None:
         """Re-check the visibility timeout against the slowest batch so far (warns again only when 1.5x slower)."""

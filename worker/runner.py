@@ -14,7 +14,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -60,7 +60,7 @@ class Pending:
     message: Any
     received_at: float
     attempt: int = 1
-    prepared: Future[Prepared] | None = None
+    prepared: Prepared | None = None  # set by the fetch pool before the job reaches the batcher
     not_before: float = 0.0
     started_at: datetime | None = None
     deliveries: int = 0
@@ -158,7 +158,7 @@ class BatchRunner:
         runnable: list[tuple[Pending, Prepared]] = []
         for pending in batch:
             pending.started_at = pending.started_at or started_at
-            prepared = pending.prepared.result() if pending.prepared else Prepared()
+            prepared = pending.prepared or Prepared()
             if prepared.existing is not None:
                 outcomes.append(self._finish(pending, prepared.existing))
             elif prepared.error is not None:

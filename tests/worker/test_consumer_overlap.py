@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
+import weakref
 from typing import Any
 
 from producer import keys
@@ -109,3 +111,41 @@ def test_slow_fetch_does_not_hold_a_batch_and_is_handed_back_on_shutdown() -> No
     assert channel.requeued == {tag["slow.png"], tag["c.png"], tag["d.png"]}
     assert channel.acked == {tag["a.png"], tag["b.png"]}
     slow_gate.set()
+
+
+class _Inputs:
+    """Stands in for a job's preprocessed tensors; a weak reference tells when it is freed."""
+
+
+def test_a_finished_job_frees_its_inputs_without_waiting_for_the_garbage_collector() -> None:
+    # Reference counting alone must free a settled job's pixel values: a cycle through the
+    # job would keep them until a full collection, which is rare beside a loaded model, and
+    # the worker's memory would grow with every job (found by the memory benchmark).
+    freed_check: list[weakref.ref[_Inputs]] = []
+
+    def prepare(job: Job) -> Prepared:
+        inputs = _Inputs()
+        freed_check.append(weakref.ref(inputs))
+        return Prepared(inputs=inputs, cost=100)
+
+    runner = FakeRunner()
+    runner.release.set()
+    consumer = BatchingConsumer(settings=Settings(max_batch_size=2, max_batch_delay_ms=0), runner=runner,  # type: ignore[arg-type]
+                                prepare=prepare, stopping=threading.Event())
+    channel = FakeChannel()
+    consumer.ledger.attach(channel)
+    consumer._model_thread.start()
+    consumer._writer_thread.start()
+    messages = [FakeMessage(_job(f"{i}.png")) for i in range(6)]
+    gc.disable()
+    try:
+        for message in messages:
+            consumer._on_message(message)
+        _until(lambda: (consumer._tick(), len(channel.acked))[1] == len(messages))
+        del message
+        assert len(freed_check) == len(messages)
+        _until(lambda: all(ref() is None for ref in freed_check))
+    finally:
+        gc.enable()
+        consumer.stop()
+        consumer._shutdown()

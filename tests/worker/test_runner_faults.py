@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future
 from typing import Any
 
 import pytest
@@ -65,9 +64,7 @@ def job(i: int, question: str | None = None) -> Job:
 
 
 def pending(j: Job) -> Pending:
-    future: Future[Prepared] = Future()
-    future.set_result(Prepared(image=object()))
-    return Pending(job=j, message=None, received_at=0.0, prepared=future)
+    return Pending(job=j, message=None, received_at=0.0, prepared=Prepared(image=object()))
 
 
 @pytest.fixture()
