@@ -39,3 +39,15 @@ def unacked_key(queue: str) -> str:
 def unacked_index_key(queue: str) -> str:
     """Sorted set: delivery tag -> the Redis time it was taken; past the visibility timeout it goes back to the queue."""
     return f"vqa:unacked-index:{queue}"
+
+
+# kombu's Redis transport keeps one list per priority step: a message with priority p (0-9,
+# clamped) goes to the list of the highest step <= p; the bare name holds steps 0-2 and is
+# served first (in Celery on Redis, a lower number is a higher priority).
+PRIORITY_STEPS = (0, 3, 6, 9)
+_PRIORITY_SEP = "\x06\x16"
+
+
+def priority_queue_keys(queue: str) -> list[str]:
+    """The lists of ``queue``, one per priority step, in the order a worker serves them."""
+    return [queue if step == 0 else f"{queue}{_PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]

@@ -7,16 +7,17 @@ and is lost for good (tests/reliability saw it under load with Redis restarts; s
 docs/reliability.md). Here one Lua script pops up to N messages and records each of them, atomically;
 so an accepted message is always either queued or recorded as unacked, and with
 ``appendfsync always`` it stays so across a Redis crash. Producers are unchanged: the queue is
-the list Celery and kombu push to (priority 0, the bare queue name).
+the lists Celery and kombu push to, one per priority step (producer/keys.py), served as kombu
+serves them: the bare queue name (priority 0-2) first, then 3-5, 6-8 and 9.
 
 Layout (key names in producer/keys.py):
 
-    <queue>                     list: producers LPUSH, workers RPOP (oldest first)
+    <queue>, <queue>\x06\x163 ...  lists: producers LPUSH, workers RPOP (oldest first)
     vqa:unacked:<queue>         hash: tag -> raw message, for every taken, unacked message
     vqa:unacked-index:<queue>   zset: tag -> when it was taken (Redis server time, seconds)
 
 A message's tag is the SHA-1 of its raw bytes, so a message pushed back keeps its tag. It goes
-back to the head of the queue when a worker hands it back (:meth:`RedisQueue.requeue`) or when
+back to the head of its priority's list when a worker hands it back (:meth:`RedisQueue.requeue`) or when
 it has been unacked longer than the visibility timeout (:meth:`RedisQueue.restore_expired`,
 which every worker runs about once a second). Redis server time is used throughout, so worker
 clocks do not matter.
@@ -40,41 +41,62 @@ from producer import keys
 from worker.messages import MAX_MESSAGE_BYTES, RefusedMessage
 from worker.messages import check_envelope
 
+# KEYS: unacked hash, unacked index, then the queue's lists in the order they are served.
 _POP = """
 local now = redis.call('TIME')
 local taken_at = now[1] + now[2] / 1000000
 local out = {}
-for _ = 1, tonumber(ARGV[1]) do
-  local raw = redis.call('RPOP', KEYS[1])
-  if not raw then break end
-  local tag = redis.sha1hex(raw)
-  redis.call('HSET', KEYS[2], tag, raw)
-  redis.call('ZADD', KEYS[3], taken_at, tag)
-  out[#out + 1] = raw
+local list = 3
+while #out < tonumber(ARGV[1]) and list <= #KEYS do
+  local raw = redis.call('RPOP', KEYS[list])
+  if raw then
+    local tag = redis.sha1hex(raw)
+    redis.call('HSET', KEYS[1], tag, raw)
+    redis.call('ZADD', KEYS[2], taken_at, tag)
+    out[#out + 1] = raw
+  else
+    list = list + 1
+  end
 end
 return out
 """
 
-_REQUEUE = """
-local raw = redis.call('HGET', KEYS[2], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
+# Which list a message goes back to: kombu's rule (properties.priority clamped to 0-9, then the
+# highest step at or below it). KEYS[3..6] are the lists of steps 0, 3, 6, 9.
+_LIST_FOR = """
+local function list_for(raw)
+  local ok, message = pcall(cjson.decode, raw)
+  local priority = 0
+  if ok and type(message) == 'table' and type(message.properties) == 'table' then
+    priority = tonumber(message.properties.priority) or 0
+  end
+  if priority >= 9 then return KEYS[6] end
+  if priority >= 6 then return KEYS[5] end
+  if priority >= 3 then return KEYS[4] end
+  return KEYS[3]
+end
+"""
+
+_REQUEUE = _LIST_FOR + """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
 if raw then
-  redis.call('RPUSH', KEYS[1], raw)
+  redis.call('RPUSH', list_for(raw), raw)
   return 1
 end
 return 0
 """
 
-_RESTORE = """
+_RESTORE = _LIST_FOR + """
 local now = redis.call('TIME')
 local ceiling = now[1] + now[2] / 1000000 - tonumber(ARGV[1])
-local tags = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ceiling, 'LIMIT', 0, tonumber(ARGV[2]))
+local tags = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ceiling, 'LIMIT', 0, tonumber(ARGV[2]))
 for _, tag in ipairs(tags) do
-  local raw = redis.call('HGET', KEYS[2], tag)
-  redis.call('HDEL', KEYS[2], tag)
-  redis.call('ZREM', KEYS[3], tag)
-  if raw then redis.call('RPUSH', KEYS[1], raw) end
+  local raw = redis.call('HGET', KEYS[1], tag)
+  redis.call('HDEL', KEYS[1], tag)
+  redis.call('ZREM', KEYS[2], tag)
+  if raw then redis.call('RPUSH', list_for(raw), raw) end
 end
 return #tags
 """
@@ -148,7 +170,7 @@ class RedisQueue:
     def __init__(self, client: redis.Redis, *, queue: str) -> None:
         self.client = client
         self.queue = queue
-        self._keys = [queue, keys.unacked_key(queue), keys.unacked_index_key(queue)]
+        self._keys = [keys.unacked_key(queue), keys.unacked_index_key(queue), *keys.priority_queue_keys(queue)]
         self._pop = client.register_script(_POP)
         self._requeue = client.register_script(_REQUEUE)
         self._restore = client.register_script(_RESTORE)
@@ -161,7 +183,7 @@ class RedisQueue:
         return cls(client, queue=queue)
 
     def pop(self, limit: int) -> list[Delivery]:
-        """Take up to ``limit`` messages, oldest first, each recorded as unacked in the same step."""
+        """Take up to ``limit`` messages, highest priority first and oldest first within it, each recorded as unacked in the same step."""
         if limit <= 0:
             return []
         raws = self._pop(keys=self._keys, args=[limit])
@@ -171,12 +193,12 @@ class RedisQueue:
     def ack(self, tag: str) -> None:
         """The message is done with (its record is stored, or it is refused): forget it."""
         pipe = self.client.pipeline(transaction=True)
-        pipe.hdel(self._keys[1], tag)
-        pipe.zrem(self._keys[2], tag)
+        pipe.hdel(self._keys[0], tag)
+        pipe.zrem(self._keys[1], tag)
         pipe.execute()
 
     def requeue(self, tag: str) -> bool:
-        """Hand the message back to the head of the queue; False if it was no longer unacked."""
+        """Hand the message back to the head of its priority's list; False if it was no longer unacked."""
         return bool(self._requeue(keys=self._keys, args=[tag]))
 
     def restore_expired(self, visibility_timeout: float, *, limit: int = 1000) -> int:
@@ -184,7 +206,7 @@ class RedisQueue:
         return int(self._restore(keys=self._keys, args=[visibility_timeout, limit]))
 
     def unacked(self) -> int:
-        return int(self.client.hlen(self._keys[1]))
+        return int(self.client.hlen(self._keys[0]))
 
     def close(self) -> None:
         self.client.close()

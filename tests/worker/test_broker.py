@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -91,3 +92,45 @@ def test_the_unacked_set_survives_a_redis_restart(redis_server: object, queue: R
     for delivery in taken:
         queue.ack(delivery.tag)  # acked after the restart, by tag
     assert queue.unacked() == 0 and queue.client.llen("vqa") == 1
+
+
+def _send_with_priority(redis_url: str, priorities: list[int]) -> list[str]:
+    """Publish through Celery's own send_task, so the lists are the ones kombu writes."""
+    import gc
+
+    from producer.celery_app import make_celery
+    from producer.settings import Settings
+
+    app = make_celery(Settings(broker_url=redis_url, result_backend=redis_url))
+    ids = []
+    for i, priority in enumerate(priorities):
+        job = json.loads(base64.b64decode(json.loads(_raw(i))["body"]))[1]["job"]
+        sent = app.send_task(keys.TASK_NAME, kwargs={"job": job}, task_id=f"p{priority}-{i}", queue="vqa", priority=priority)
+        ids.append(sent.id)
+        del sent
+    gc.collect()  # AsyncResults unsubscribe when collected: while Redis is up
+    app.close()
+    return ids
+
+
+def test_messages_sent_with_a_celery_priority_are_consumed_in_kombus_order(redis_url: str, queue: RedisQueue) -> None:
+    # In Celery on Redis, 0 is the highest priority; kombu keeps steps 0-2, 3-5, 6-8 and 9 in
+    # separate lists and serves them in that order.
+    _send_with_priority(redis_url, [9, 0, 4, 7, 2, 5])
+    assert sorted(queue.client.keys("vqa*")) == sorted(k.encode() for k in keys.priority_queue_keys("vqa"))
+    taken = queue.pop(10)
+    assert [json.loads(d.raw)["headers"]["id"] for d in taken] == ["p0-1", "p2-4", "p4-2", "p5-5", "p7-3", "p9-0"]
+    assert queue.unacked() == 6 and queue.pop(10) == []
+
+
+def test_a_prioritised_message_goes_back_to_its_own_list(redis_url: str, queue: RedisQueue) -> None:
+    _send_with_priority(redis_url, [7, 7])
+    handed_back, expired = queue.pop(2)
+    step6 = keys.priority_queue_keys("vqa")[2]
+    assert queue.requeue(handed_back.tag)
+    assert queue.client.llen(step6) == 1 and queue.client.llen("vqa") == 0
+    time.sleep(1.1)
+    assert queue.restore_expired(1) == 1
+    assert queue.client.llen(step6) == 2 and queue.client.llen("vqa") == 0
+    # Each went back to the head of the list: the last one put back is served first.
+    assert [d.tag for d in queue.pop(2)] == [expired.tag, handed_back.tag]
