@@ -126,6 +126,10 @@ def check_url_shape(value: str) -> str:
         raise ValueError(f"image URL scheme must be one of {', '.join(ALLOWED_SCHEMES)}, got {parts.scheme!r}")
     if not parts.netloc:
         raise ValueError("image URL has no host")
+    if "@" in parts.netloc:
+        # The fetcher never sends them, and the URL is stored in the record and the result
+        # backend, where anyone who may read answers would read the password too.
+        raise ValueError("image URL must not carry a user name or password (user:password@host); use a presigned URL or s3://")
     return value
 
 

@@ -37,6 +37,8 @@ INVALID: list[tuple[Any, Any, dict[str, Any], str]] = [
     ("images.example/cat.png", "q", {}, "scheme"),
     ("http:///cat.png", "q", {}, "no host"),
     ("s3://", "q", {}, "no host"),
+    ("https://alice:s3cret@images.example/cat.png", "q", {}, "password"),
+    ("https://token@images.example/cat.png", "q", {}, "user name"),
     ("https://images.example/" + "a" * MAX_URL_LENGTH, "q", {}, str(MAX_URL_LENGTH)),
     ("", "q", {}, "image_url"),
     (12345, "q", {}, "image_url"),
@@ -91,6 +93,7 @@ def test_invalid_job_raises_invalid_job_and_enqueues_nothing(
     assert caught.value.code == "invalid_job"
     # The message names the field, not a dump of the input (which may be megabytes).
     assert len(str(caught.value)) < 500
+    assert "s3cret" not in str(caught.value)  # a refused URL's password is not echoed either
     assert_nothing_enqueued(broker)
 
 
