@@ -29,10 +29,14 @@ def burst(stack: Stack, env: dict[str, str], *, files: list[str], delay_s: float
     """Submit every job at once (bulk) to a running worker; time each record as it is published."""
     with stack.client(env) as client:
         requests = _requests(stack.image_urls[delay_s], files, tag=tag, generation=generation)
+        cpu_before = stack.cpu()
         start = time.monotonic()
         ids = client.submit_many(requests)
     done = stack.listener.wait_for(ids, timeout=timeout)
-    return summarize(start, list(done.values()))
+    cpu_after = stack.cpu()
+    # Where the CPU went, per job: on a CPU host everything here shares the cores with the model.
+    cpu = {name: round(1000 * (cpu_after[name] - cpu_before[name]) / len(ids), 1) for name in cpu_after if name in cpu_before}
+    return {**summarize(start, list(done.values())), "cpu_ms_per_job": cpu}
 
 
 def summarize(start: float, done: list[Done]) -> dict[str, Any]:

@@ -55,6 +55,11 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {p['batch_size']} | {p['direct_ips']} | {p['e2e_ips']} | {p['e2e_ratio']} | {p['delay_ips']} | {p['delay_ratio']} "
             f"| {p['e2e_mean_batch']} | {p['e2e_utilisation']} | {p['delay_utilisation']} |"
         )
+    for p in result.get("throughput", []):
+        if p.get("rounds", 1) > 1:
+            lines.append(f"\nBatch {p['batch_size']}: the median of {p['rounds']} rounds, each a direct, an end-to-end and a 100 ms run back "
+                         f"to back; e2e / direct per round {p['round_e2e_ratios']}, 100 ms / e2e per round {p['round_delay_ratios']}.")
+    lines += _cpu_table(result.get("throughput", []))
     latency = result.get("latency")
     if latency:
         lines += ["", f"## Latency, submit to record (open loop, Poisson arrivals)", "",
@@ -91,6 +96,25 @@ def markdown(result: dict[str, Any]) -> str:
     for row in result.get("targets", []):
         lines.append(f"| {row['target']} | {row['goal']} | {row['measured']} | {'yes' if row['holds'] else '**no**'} |")
     return "\n".join(lines) + "\n"
+
+
+def _cpu_table(points: list[dict[str, Any]]) -> list[str]:
+    """CPU milliseconds per job: the model alone vs. every process of the end-to-end run."""
+    points = [p for p in points if p.get("direct_cpu_ms_per_image") is not None and p.get("e2e_cpu_ms_worker") is not None]
+    if not points:
+        return []
+    names = ("worker", "s3_server", "redis", "bench")
+    lines = ["", "## Where the CPU goes (ms of CPU per job, all threads)", "",
+             "On a CPU host every process below shares the cores with the model, so with the cores saturated the "
+             "end-to-end / direct ratio can reach at most direct / end-to-end total (last column).", "",
+             "| batch | direct (model + preprocessing) | e2e: worker | e2e: S3 server | e2e: Redis | e2e: bench (client, listener, images) "
+             "| e2e total | direct / e2e total |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in points:
+        total = sum(p.get(f"e2e_cpu_ms_{name}") or 0.0 for name in names)
+        cells = " | ".join(str(p.get(f"e2e_cpu_ms_{name}")) for name in names)
+        lines.append(f"| {p['batch_size']} | {p['direct_cpu_ms_per_image']} | {cells} | {round(total, 1)} "
+                     f"| {round(p['direct_cpu_ms_per_image'] / total, 3) if total else None} |")
+    return lines
 
 
 def plot(result: dict[str, Any], path: Path) -> bool:

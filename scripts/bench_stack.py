@@ -128,6 +128,13 @@ class Stack:
         }
         return {**base, **overrides}
 
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far of every process on the stack; the bench's own covers its client, listener and image servers."""
+        pids = {"worker": self.worker.proc.pid if self.worker and self.worker.proc else None,
+                "s3_server": self.s3.proc.pid if self.s3.proc else None,
+                "redis": self.redis.proc.pid if self.redis.proc else None, "bench": os.getpid()}
+        return {name: cpu_seconds(pid) for name, pid in pids.items() if pid is not None}
+
     def start_worker(self, env: dict[str, str]) -> WorkerProcess:
         """A worker with exactly these settings (the running one is reused when they match)."""
         if self.worker is not None and env == self.worker_env:
@@ -192,6 +199,12 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def process_counts(pid: int) -> dict[str, int]:
