@@ -22,7 +22,7 @@ from producer.settings import Settings
 
 # A queued-but-unfinished job is not enqueued again for this long.
 _SUBMITTED_TTL_FLOOR_S = 3600
-# A submission claim says "publishing" until the publish returned, then "queued" (see _claim_unqueued).
+# A submission claim says "publishing" until the publish returned, then "queued" (see _publish_unqueued).
 _PUBLISHING = b"publishing"
 _QUEUED = b"queued"
 # A "publishing" claim left behind by a failed publish stops blocking resubmissions after this.
@@ -119,38 +119,40 @@ class VQAClient:
         """Enqueue already-built jobs, skipping those that are finished or already queued."""
         if not jobs:
             return []
-        fresh = self._claim_unqueued(jobs)
-        if fresh:
-            self._publish(fresh)
-            self._mark_queued(fresh)
+        self._publish_unqueued(jobs)
         return [job.job_id for job in jobs]
 
-    def _claim_unqueued(self, jobs: list[Job]) -> list[Job]:
-        """Keep the jobs that have no success record and are not queued yet, claimed for publishing by us.
+    def _publish_unqueued(self, jobs: list[Job]) -> None:
+        """Publish the jobs that have no success record and are not queued yet, claimed for publishing by us.
 
         Only a "queued" claim (set once the publish returned) makes a resubmission a no-op. A
-        "publishing" claim is another producer publishing the job right now: we wait for it, so
-        two producers submitting the same jobs at once publish them once. It may also be left by
-        a publish that failed while Redis went away: this client's own is taken over at once,
-        another's expires after ``_PUBLISHING_TTL_S`` and we publish the job then, so a retried
-        submission is never swallowed.
+        "publishing" claim is another producer publishing the job right now: we publish what we
+        claimed first, then wait for the others, so two producers submitting the same jobs at
+        once publish them once. (Waiting first deadlocked two producers that had each claimed
+        part of the same jobs until the claims expired; then both published everything.) A
+        claim may also be left by a publish that failed while Redis went away: this client's
+        own is taken over at once, another's expires after ``_PUBLISHING_TTL_S`` and we publish
+        the job then, so a retried submission is never swallowed.
         """
         unique = list({job.job_id: job for job in jobs}.values())
         try:
             done = self._succeeded_ids([job.job_id for job in unique])
         except redis.RedisError:
             done = set()  # a shortcut only: workers answer a finished job from its S3 record
-        candidates = [job for job in unique if job.job_id not in done]
-        try:
-            mine, contested = self._try_claims(candidates)
-            deadline = time.monotonic() + _PUBLISHING_TTL_S + 1
-            while contested and time.monotonic() < deadline:
+        contested = [job for job in unique if job.job_id not in done]
+        deadline = time.monotonic() + _PUBLISHING_TTL_S + 1
+        while contested:
+            try:
+                mine, contested = self._try_claims(contested)
+            except redis.RedisError as exc:
+                raise BackendUnavailable(f"cannot reach Redis to submit jobs: {type(exc).__name__}") from exc
+            if time.monotonic() >= deadline:
+                mine, contested = mine + contested, []  # still contested after a claim's lifetime: publish anyway
+            if mine:
+                self._publish(mine)
+                self._mark_queued(mine)
+            if contested:
                 time.sleep(0.05)
-                won, contested = self._try_claims(contested)
-                mine += won
-        except redis.RedisError as exc:
-            raise BackendUnavailable(f"cannot reach Redis to submit jobs: {type(exc).__name__}") from exc
-        return mine + contested
 
     def _try_claims(self, jobs: list[Job]) -> tuple[list[Job], list[Job]]:
         """Claim each job (SET NX); return (claimed now, being published by someone else). Queued ones drop out."""

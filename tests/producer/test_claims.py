@@ -45,6 +45,28 @@ def test_concurrent_submissions_of_the_same_jobs_publish_them_once(make_client: 
     assert redis.Redis.from_url(redis_url).llen("vqa") == 300
 
 
+def test_a_producer_publishes_its_own_claims_before_waiting_for_anothers(make_client: Callable[[], VQAClient], redis_url: str) -> None:
+    # Two producers that each claimed part of the same jobs must not wait for each other before
+    # publishing: that deadlocked them until the claims expired, then both published all (the
+    # concurrent test above saw 600 messages for 300 jobs under load).
+    client = make_client()
+    broker = redis.Redis.from_url(redis_url)
+    requests = [{"image_url": URL, "question": f"q{i}?"} for i in range(20)]
+    theirs = [client.build_request(request) for request in requests[10:]]
+    for job in theirs:  # another producer is publishing these right now
+        broker.set(keys.submitted_key(job.job_id), "publishing:other", ex=60)
+    submitting = threading.Thread(target=client.submit_many, args=(requests,))
+    submitting.start()
+    deadline = time.monotonic() + 5
+    while broker.llen("vqa") < 10 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert broker.llen("vqa") == 10, "its own 10 were published while it waits for the other 10"
+    assert submitting.is_alive()
+    broker.mset({keys.submitted_key(job.job_id): "queued" for job in theirs})  # the other producer is done
+    submitting.join(5)
+    assert not submitting.is_alive() and broker.llen("vqa") == 10
+
+
 def test_a_claim_left_by_a_failed_publish_does_not_swallow_the_retry(
     make_client: Callable[[], VQAClient], redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
