@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     fetch_concurrency: int = Field(default=8, ge=1, le=128)
     shutdown_grace_s: float = Field(default=60.0, ge=0)
     metrics_port: int | None = None  # Prometheus endpoint; off when unset
+    # Celery task and worker events (what `celery worker -E` sends), so Flower and `celery
+    # events` show our tasks and workers; off by default, like Celery's. See worker/events.py.
+    send_events: bool = False
 
     # Test-only fault hooks, off by default (tests/reliability uses them; see docs/reliability.md).
     # A batch larger than this raises out-of-memory.

@@ -299,6 +299,7 @@ def test_worker_environment_is_valid_settings(services: dict[str, dict[str, Any]
     assert settings.broker_url == env["VQA_BROKER_URL"]
     assert settings.s3_bucket == env["VQA_S3_BUCKET"]
     assert settings.device == "cuda"
+    assert settings.send_events, "Flower's Tasks and Workers pages are built from the workers' Celery events"
 
 
 def test_dependencies_wait_for_health_and_bucket(services: dict[str, dict[str, Any]]) -> None:

@@ -32,6 +32,7 @@ from producer.settings import Settings
 from worker import visibility
 from worker.batching import MicroBatcher, prefetch_batches
 from worker.broker import Delivery, MalformedMessage, RedisQueue, parse_envelope
+from worker.events import TaskEvents
 from worker.ledger import Ledger
 from worker.messages import RefusedMessage, SignatureVerifier, decode_task_message, message_id
 from worker.runner import BatchRunner, Finishing, Outcome, Pending, Prepared
@@ -55,9 +56,11 @@ class BatchingConsumer:
         runner: BatchRunner,
         prepare: Any,
         stopping: threading.Event,
+        events: TaskEvents | None = None,
     ) -> None:
         self.settings = settings
         self.runner = runner
+        self.events = events or TaskEvents.off()
         self._prepare = prepare  # Callable[[Job], Prepared], runs on the fetch pool
         self.stopping = stopping
         self.batcher: MicroBatcher[Pending] = MicroBatcher(
@@ -208,6 +211,7 @@ class BatchingConsumer:
             # settled with the first delivery's outcome instead of running the model twice.
             log.info("job %s delivered again while held; it follows the first delivery", job.job_id)
             return
+        self.events.received(job, headers=message.headers)
         self._enqueue(Pending(job=job, message=message, received_at=time.monotonic()))
 
     def _enqueue(self, pending: Pending) -> None:

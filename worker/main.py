@@ -17,6 +17,7 @@ from producer.errors import StorageUnavailable
 from producer.schema import Job
 from producer.settings import Settings
 from worker.consumer import BatchingConsumer
+from worker.events import TaskEvents
 from worker.images import FetchPolicy, fetch_image
 from worker.runner import BatchRunner, Prepared
 from worker.storage import RecordStore, make_s3_client
@@ -69,16 +70,24 @@ def run_worker(settings: Settings) -> None:
         inputs = model.prepare(image, job.question)
         return Prepared(inputs=inputs, cost=inputs.num_tokens, fetch_ms=fetch_ms)
 
-    runner = BatchRunner(settings=settings, model=model, store=store, counters=counters, worker_name=worker_name, stopping=stopping)
-    consumer = BatchingConsumer(settings=settings, runner=runner, prepare=prepare, stopping=stopping)
+    events = TaskEvents(app, hostname=worker_name) if settings.send_events else TaskEvents.off()
+    runner = BatchRunner(
+        settings=settings, model=model, store=store, counters=counters, worker_name=worker_name, stopping=stopping, events=events
+    )
+    consumer = BatchingConsumer(settings=settings, runner=runner, prepare=prepare, stopping=stopping, events=events)
     if settings.metrics_port is not None:
         from worker.metrics import serve_metrics
 
         serve_metrics(settings.metrics_port, worker=worker_name, batches=runner.stats, ledger=consumer.ledger.stats)
         log.info("metrics on :%d/metrics", settings.metrics_port)
-    log.info("worker %s ready", worker_name)
+    # Heartbeats report the jobs this worker holds, received and not yet settled.
+    events.start(active=lambda: len(consumer.ledger))
+    log.info("worker %s ready%s", worker_name, " (sending Celery events)" if events.enabled else "")
     print(f"vqa worker {worker_name} ready", flush=True)  # tests and supervisors wait for this line
-    consumer.run()
+    try:
+        consumer.run()
+    finally:
+        events.stop()
     log.info("worker %s stopped: %d done, %d failed, %d batches", worker_name, runner.stats.jobs_done, runner.stats.jobs_failed, runner.stats.batches)
     # scripts/bench.py reads this line.
     log.info("padding: %d real / %d padded prompt tokens", model.real_tokens, model.padded_tokens)

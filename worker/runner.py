@@ -32,6 +32,7 @@ from producer.errors import (
 from producer.schema import ErrorInfo, Job, Record, utcnow
 from producer.settings import Settings
 from worker.counters import JobCounters
+from worker.events import TaskEvents
 from worker.storage import RecordStore
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class BatchRunner:
         worker_name: str,
         stopping: threading.Event,
         sleep: Callable[[float], None] = time.sleep,
+        events: TaskEvents | None = None,
     ) -> None:
         self.settings = settings
         self.model = model
@@ -123,6 +125,7 @@ class BatchRunner:
         self.counters = JobCounters(counters)
         self.worker_name = worker_name
         self.stopping = stopping
+        self.events = events or TaskEvents.off()
         self.stats = BatchStats()
         self._sleep = sleep
         self._deferred: list[tuple[Outcome, Record]] | None = None
@@ -270,6 +273,7 @@ class BatchRunner:
             self.stats.retries += 1
             delay = _backoff(pending.attempt)
             log.info("job %s: %s (%s); retry %d in %.1f s", pending.job.job_id, error.code, error, pending.attempt + 1, delay)
+            self.events.retried(pending.job.job_id, reason=f"{error.code}: {error.message}")
             return Outcome(pending, "retry", delay_s=delay)
         record = self._record(pending, status="failed", error=error, prepared=prepared, batch_size=batch_size)
         return self._finish(pending, record)
@@ -317,6 +321,7 @@ class BatchRunner:
                 self.stats.jobs_failed += 1
         if stored.status != "succeeded":
             self.counters.forget_submission(pending.job.job_id)
+        self.events.stored(stored)  # task-succeeded or task-failed
         return Outcome(pending, "ack", record=stored)
 
     def _persist(self, record: Record) -> Record:
@@ -349,6 +354,9 @@ class BatchRunner:
                 log.warning("could not mark jobs started: %s", exc)
             except Exception:  # noqa: BLE001 - a status write must never cost the batch
                 log.exception("could not mark jobs started")
+            # Here, off the model thread; complete() waits for this write, so task-started
+            # always goes out before the job's task-succeeded or task-failed.
+            self.events.started(job_ids)
 
         future = self._status_pool.submit(write)
         if self._deferred is None:  # not inside infer(): nothing waits for it later

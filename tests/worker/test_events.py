@@ -1,0 +1,238 @@
+"""Celery events on a real redis-server, read back with Celery's own ``EventReceiver`` and ``State`` (what Flower uses)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from producer.celery_app import make_celery
+from producer.client import VQAClient
+from producer.keys import TASK_NAME
+from producer.schema import ErrorInfo, GenerationSettings, Job, Record, utcnow
+from producer.settings import Settings
+from worker import events as events_module
+from worker.devservices import RedisServer, WorkerProcess, free_port
+from worker.events import TaskEvents
+from tests.support.images import SIZES
+
+TASK_TYPES = ("task-received", "task-started", "task-succeeded", "task-failed", "task-retried")
+
+
+def _job(job_id: str) -> Job:
+    return Job(
+        job_id=job_id,
+        image_url="https://images.example/a.png",
+        question=f"What is in {job_id}?",
+        model="m",
+        generation=GenerationSettings(max_new_tokens=4),
+        submitted_at=utcnow(),
+    )
+
+
+def _failed_record(job: Job, code: str, message: str) -> Record:
+    return Record(
+        job_id=job.job_id, status="failed", image_url=job.image_url, question=job.question, answer=None, model=job.model,
+        quantization="none", generation=job.generation, attempts=1, worker="w", batch_size=1,
+        submitted_at=job.submitted_at, started_at=None, finished_at=utcnow(),
+        error=ErrorInfo(code=code, message=message, retryable=False),
+    )
+
+
+def _app(broker_url: str) -> Celery:
+    return make_celery(Settings(broker_url=broker_url, result_backend=broker_url))
+
+
+def _wait_for(condition: Callable[[], bool], what: str, *, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+@contextmanager
+def captured_events(app: Celery, redis_url: str) -> Iterator[list[dict[str, Any]]]:
+    """Every event published while inside, as Celery's EventReceiver hands them to a monitor."""
+    seen: list[dict[str, Any]] = []
+    client = redis.Redis.from_url(redis_url)
+    with app.connection_for_read() as connection:
+        receiver = app.events.Receiver(connection, handlers={"*": seen.append})
+        # wakeup=False: no 'heartbeat' broadcast to workers; ours answer no control commands.
+        thread = threading.Thread(target=receiver.capture, kwargs={"wakeup": False}, daemon=True)
+        thread.start()
+        try:
+            # Events travel by Redis PUBLISH: whatever is sent before the receiver subscribes is lost.
+            _wait_for(lambda: client.pubsub_numpat() > 0 or bool(client.pubsub_channels()), "the receiver to subscribe")
+            yield seen
+        finally:
+            receiver.should_stop = True
+            thread.join(timeout=10)
+            client.close()
+
+
+def _of_type(seen: list[dict[str, Any]], *types: str) -> list[dict[str, Any]]:
+    return [event for event in list(seen) if event["type"] in types]
+
+
+# --------------------------------------------------------------------------- worker/events.py
+
+
+@pytest.mark.timeout(60)
+def test_sends_the_events_celery_worker_sends(redis_url: str) -> None:
+    app = _app(redis_url)
+    good, bad = _job("job-good"), _job("job-bad")
+    with captured_events(app, redis_url) as seen:
+        events = TaskEvents(app, hostname="w-events", heartbeat_s=0.2)
+        events.start(active=lambda: 3)
+        # parent_id is not task-id-shaped: monitors get None rather than what a forged header says.
+        events.received(good, headers={"root_id": "root-1", "parent_id": "../../x y", "retries": 2})
+        events.received(bad)
+        events.started([good.job_id, bad.job_id])
+        events.retried(bad.job_id, reason="connection_failed: refused")
+        events.started([bad.job_id])
+        events.succeeded(good.job_id, runtime=0.25, result="a red box")
+        events.stored(_failed_record(bad, "model_error", "boom"))  # what BatchRunner calls: task-failed
+        _wait_for(lambda: len(_of_type(seen, "worker-heartbeat")) >= 2, "two heartbeats")
+        events.stop()
+        _wait_for(lambda: bool(_of_type(seen, "worker-offline")), "worker-offline")
+
+    assert {event["hostname"] for event in seen} == {"w-events"}
+    tasks = [(event["type"], event["uuid"]) for event in _of_type(seen, *TASK_TYPES)]
+    assert tasks == [
+        ("task-received", good.job_id),
+        ("task-received", bad.job_id),
+        ("task-started", good.job_id),
+        ("task-started", bad.job_id),
+        ("task-retried", bad.job_id),
+        ("task-started", bad.job_id),
+        ("task-succeeded", good.job_id),
+        ("task-failed", bad.job_id),
+    ]
+    received = _of_type(seen, "task-received")
+    assert received[0]["name"] == TASK_NAME and received[0]["args"] == "()"
+    assert good.question in received[0]["kwargs"] and len(received[0]["kwargs"]) <= 256
+    assert (received[0]["root_id"], received[0]["parent_id"], received[0]["retries"]) == ("root-1", None, 2)
+    assert (received[1]["root_id"], received[1]["parent_id"], received[1]["retries"]) == (bad.job_id, None, 0)
+    [succeeded] = _of_type(seen, "task-succeeded")
+    assert succeeded["runtime"] == 0.25 and "a red box" in succeeded["result"]
+    [failed] = _of_type(seen, "task-failed")
+    assert failed["exception"] == "model_error: boom"
+
+    kinds = [event["type"] for event in _of_type(seen, "worker-online", "worker-heartbeat", "worker-offline")]
+    assert kinds[0] == "worker-online" and kinds[-1] == "worker-offline"
+    offline = _of_type(seen, "worker-offline")[-1]
+    assert (offline["freq"], offline["active"], offline["processed"]) == (0.2, 3, 2)
+    assert offline["sw_ident"] == "py-celery" and len(offline["loadavg"]) == 3
+
+    # Celery's own state machine (Flower's) makes sense of them.
+    state = app.events.State()
+    for event in seen:
+        state.event(event)
+    assert state.tasks[good.job_id].state == "SUCCESS" and state.tasks[good.job_id].name == TASK_NAME
+    assert state.tasks[bad.job_id].state == "FAILURE"
+    assert state.tasks[good.job_id].worker.hostname == "w-events"
+    assert not state.workers["w-events"].alive
+
+
+@pytest.mark.timeout(30)
+def test_unreachable_broker_never_raises_and_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    app = _app(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    events = TaskEvents(app, hostname="w-dead", heartbeat_s=0.05)
+    job = _job("job-1")
+    begun = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="worker.events"):
+        events.start(active=lambda: 1)
+        for _ in range(3):
+            events.received(job)
+            events.started([job.job_id])
+            events.retried(job.job_id, reason="connection_failed: x")
+            events.succeeded(job.job_id, runtime=None, result=None)
+            events.failed(job.job_id, exception="x")
+        time.sleep(0.2)  # a few heartbeats fail too
+        events.stop()
+    assert time.monotonic() - begun < 5, "a dead broker must not hold up the job path"
+    warnings = [record for record in caplog.records if record.name == "worker.events" and record.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "cannot send Celery events" in warnings[0].getMessage()
+
+
+@pytest.mark.timeout(60)
+def test_events_resume_after_a_redis_restart(
+    redis_url: str, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(events_module, "_RETRY_AFTER_S", 0.2)
+    app = _app(redis_url)
+    events = TaskEvents(app, hostname="w-restart")
+    events.started(["before"])  # connects
+    redis_server.stop(kill=True)
+    with caplog.at_level(logging.INFO, logger="worker.events"):
+        events.started(["while-down"])  # fails on the open connection; logged
+        redis_server.start()
+        time.sleep(0.3)
+        with captured_events(app, redis_url) as seen:
+            _wait_for(lambda: bool(events.started(["after"]) or _of_type(seen, "task-started")), "an event after the restart")
+    assert "after" in {event["uuid"] for event in _of_type(seen, "task-started")}
+    messages = [record.getMessage() for record in caplog.records if record.name == "worker.events"]
+    assert any("cannot send" in message for message in messages) and "sending Celery events again" in messages
+    events.stop()
+
+
+def test_off_is_a_no_op() -> None:
+    events = TaskEvents.off()
+    assert not events.enabled
+    events.start(active=lambda: 1)
+    events.received(_job("job-1"))
+    events.started(["job-1"])
+    events.retried("job-1", reason="r")
+    events.succeeded("job-1", runtime=1.0, result="x")
+    events.failed("job-1", exception="x")
+    events.stop()
+
+
+# --------------------------------------------------------------------------- a real worker
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("send_events", [True, False], ids=["events-on", "events-off"])
+def test_worker_process_reports_to_a_monitor(
+    send_events: bool,
+    stack_env: dict[str, str],
+    image_base_url: str,
+    client_for: Callable[[dict[str, str]], VQAClient],
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    env = {**stack_env, **({"VQA_SEND_EVENTS": "1"} if send_events else {})}
+    app = _app(stack_env["VQA_BROKER_URL"])
+    with captured_events(app, stack_env["VQA_BROKER_URL"]) as seen:
+        worker = start_worker(env, name="w-flower")
+        client = client_for(env)
+        ids = [client.submit(f"{image_base_url}/{name}", f"What is in picture {i}?") for i, name in enumerate(sorted(SIZES)[:2])]
+        assert all(client.wait(job_id, timeout=120).status == "succeeded" for job_id in ids)
+        if send_events:
+            # The record is visible a moment before its task-succeeded goes out.
+            _wait_for(lambda: {e["uuid"] for e in _of_type(seen, "task-succeeded")} >= set(ids), "task-succeeded for both jobs")
+            _wait_for(lambda: bool(_of_type(seen, "worker-heartbeat")), "a heartbeat", timeout=5)
+        else:
+            time.sleep(2.5)  # longer than a heartbeat interval: anything sent would be here by now
+
+    if not send_events:
+        assert seen == []
+        return
+    assert "cannot send Celery events" not in worker.log
+    assert {event["hostname"] for event in seen} == {"w-flower"}
+    assert _of_type(seen, "worker-online")
+    for job_id in ids:
+        kinds = [event["type"] for event in _of_type(seen, *TASK_TYPES) if event["uuid"] == job_id]
+        assert kinds == ["task-received", "task-started", "task-succeeded"], (job_id, kinds)
+    state = app.events.State()
+    for event in seen:
+        state.event(event)
+    assert all(state.tasks[job_id].state == "SUCCESS" for job_id in ids)
+    assert state.workers["w-flower"].heartbeats  # Flower lists it as a worker
