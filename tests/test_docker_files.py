@@ -300,6 +300,9 @@ def test_worker_environment_is_valid_settings(services: dict[str, dict[str, Any]
     assert settings.s3_bucket == env["VQA_S3_BUCKET"]
     assert settings.device == "cuda"
     assert settings.send_events, "Flower's Tasks and Workers pages are built from the workers' Celery events"
+    # The healthcheck probes /healthz on the metrics port the settings turn on.
+    probe = " ".join(services["worker-gpu0"]["healthcheck"]["test"])
+    assert settings.metrics_port is not None and f"127.0.0.1:{settings.metrics_port}/healthz" in probe
 
 
 def test_dependencies_wait_for_health_and_bucket(services: dict[str, dict[str, Any]]) -> None:

@@ -33,6 +33,7 @@ from worker import visibility
 from worker.batching import MicroBatcher, prefetch_batches
 from worker.broker import Delivery, MalformedMessage, RedisQueue, parse_envelope
 from worker.events import TaskEvents
+from worker.health import Progress
 from worker.ledger import Ledger
 from worker.messages import RefusedMessage, SignatureVerifier, decode_task_message, message_id
 from worker.runner import BatchRunner, Finishing, Outcome, Pending, Prepared
@@ -90,6 +91,7 @@ class BatchingConsumer:
         self._next_restore = 0.0
         self._next_pop = 0.0  # after an empty pop, Redis is asked again only this late
         self._slowest_batch_s = 0.0
+        self._loop_at: float | None = None  # when the consumer loop last went round (worker/health.py)
         self._model_thread = threading.Thread(target=self._model_loop, name="vqa-model", daemon=True)
         # Stores each batch's records while the model runs the next one (BatchRunner.complete).
         self._finishing: queue.SimpleQueue[tuple[list[Pending], Finishing] | None] = queue.SimpleQueue()
@@ -113,6 +115,7 @@ class BatchingConsumer:
         log.info("consuming %r (batch %d, delay %d ms, prefetch %d)", self.settings.queue,
                  self.settings.max_batch_size, self.settings.max_batch_delay_ms, self.prefetch)
         while not self.stopping.is_set():
+            self._loop_at = time.monotonic()
             received = self._receive()
             self._tick()
             if not received:
@@ -121,6 +124,19 @@ class BatchingConsumer:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def progress(self) -> Progress:
+        """What /healthz judges (worker/health.py); safe to call from any thread."""
+        now = time.monotonic()
+        loop_at, generate_at = self._loop_at, self.runner.stats.generate_started_at
+        return Progress(
+            loop_age_s=None if loop_at is None else round(now - loop_at, 3),
+            model_thread_alive=self._model_thread.is_alive(),
+            writer_thread_alive=self._writer_thread.is_alive(),
+            broker_reachable=not self._broker_backoff,
+            generate_running_s=None if generate_at is None else round(now - generate_at, 3),
+            jobs_held=len(self.ledger),
+        )
 
     # -- the consumer thread ----------------------------------------------------------------
 

@@ -78,8 +78,13 @@ def run_worker(settings: Settings) -> None:
     if settings.metrics_port is not None:
         from worker.metrics import serve_metrics
 
-        serve_metrics(settings.metrics_port, worker=worker_name, batches=runner.stats, ledger=consumer.ledger.stats)
-        log.info("metrics on :%d/metrics", settings.metrics_port)
+        from worker import health
+
+        def check() -> tuple[bool, dict[str, Any]]:
+            return health.check(consumer.progress(), visibility_timeout=settings.visibility_timeout)
+
+        serve_metrics(settings.metrics_port, worker=worker_name, batches=runner.stats, ledger=consumer.ledger.stats, health=check)
+        log.info("metrics on :%d/metrics, health on :%d/healthz", settings.metrics_port, settings.metrics_port)
     # Heartbeats report the jobs this worker holds, received and not yet settled.
     events.start(active=lambda: len(consumer.ledger))
     log.info("worker %s ready%s", worker_name, " (sending Celery events)" if events.enabled else "")

@@ -1,4 +1,7 @@
-"""The Prometheus endpoint (``VQA_METRICS_PORT``): the worker's own counters, read at scrape time.
+"""The worker's HTTP endpoint (``VQA_METRICS_PORT``): Prometheus metrics and ``/healthz``.
+
+``/metrics`` (any path but ``/healthz``) serves the worker's own counters, read at scrape time.
+``/healthz`` answers 200 or 503 with a JSON report (worker/health.py): for a liveness probe.
 
 The counters live in plain dataclasses (``BatchStats``, ``LedgerStats``) that the model and
 consumer threads update; this collector only reads them, so the hot path never touches
@@ -7,10 +10,14 @@ prometheus_client and tests can read the same numbers without an HTTP server.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -57,8 +64,38 @@ class WorkerCollector(Collector):
         return family
 
 
-def serve_metrics(port: int, *, worker: str, batches: BatchStats, ledger: LedgerStats) -> Any:
+Health = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+def serve_metrics(port: int, *, worker: str, batches: BatchStats, ledger: LedgerStats, health: Health | None = None) -> WSGIServer:
     """Start the HTTP endpoint on ``port`` (all interfaces) in a daemon thread; returns the server."""
     registry = CollectorRegistry()
     registry.register(WorkerCollector(worker=worker, batches=batches, ledger=ledger))
-    return start_http_server(port, registry=registry)
+    app = endpoint_app(make_wsgi_app(registry), health)
+    server = make_server("", port, app, _ThreadingServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="vqa-metrics", daemon=True).start()
+    return server
+
+
+def endpoint_app(metrics_app: Any, health: Health | None) -> Any:
+    """The WSGI app: ``/healthz`` from ``health``, everything else from prometheus_client."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != "/healthz" or health is None:
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        healthy, report = health()
+        body = json.dumps(report).encode()
+        start_response("200 OK" if healthy else "503 Service Unavailable",
+                       [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow scraper never holds up the worker's exit
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+        """Probes every few seconds would flood the worker's log."""

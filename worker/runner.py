@@ -101,6 +101,7 @@ class BatchStats:
     retries: int = 0  # transient failures given another attempt
     poisoned: int = 0  # jobs quarantined after too many deliveries
     slowest_batch_s: float = 0.0  # longest generate call: the visibility timeout must cover it
+    generate_started_at: float | None = None  # time.monotonic() of the generate call in progress (worker/health.py)
     batch_sizes: list[int] = field(default_factory=list)
 
 
@@ -204,7 +205,11 @@ class BatchRunner:
         self._mark_started([pending.job.job_id for pending, _ in group])
         executions = self._count_executions([pending.job.job_id for pending, _ in group])
         started = time.perf_counter()
-        results = self._generate(group)
+        self.stats.generate_started_at = time.monotonic()
+        try:
+            results = self._generate(group)
+        finally:
+            self.stats.generate_started_at = None
         self.stats.slowest_batch_s = max(self.stats.slowest_batch_s, time.perf_counter() - started)
         self.counters.survived([pending.job.job_id for pending, _ in group])
         outcomes = []

@@ -1,0 +1,107 @@
+"""/healthz: the worker reports whether its loop, threads and model calls make progress."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from producer.client import VQAClient
+from worker.devservices import WorkerProcess, free_port
+from worker.health import LOOP_STALE_S, Progress, check
+from worker.ledger import LedgerStats
+from worker.metrics import serve_metrics
+from worker.runner import BatchStats
+from tests.support.images import SIZES
+
+HEALTHY = Progress(loop_age_s=0.1, model_thread_alive=True, writer_thread_alive=True, broker_reachable=True,
+                   generate_running_s=None, jobs_held=3)
+
+
+def test_a_worker_making_progress_is_healthy_even_with_redis_away() -> None:
+    healthy, report = check(replace(HEALTHY, broker_reachable=False, generate_running_s=30.0), visibility_timeout=60)
+    assert healthy and report["status"] == "ok" and report["problems"] == []
+    assert report["broker_reachable"] is False and report["jobs_held"] == 3
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"loop_age_s": None}, "not started"),
+        ({"loop_age_s": LOOP_STALE_S + 1}, "stalled"),
+        ({"model_thread_alive": False}, "model thread"),
+        ({"writer_thread_alive": False}, "writer thread"),
+        ({"generate_running_s": 61.0}, "past the visibility timeout"),
+    ],
+)
+def test_each_stuck_part_makes_it_unhealthy_and_is_named(change: dict[str, Any], problem: str) -> None:
+    healthy, report = check(replace(HEALTHY, **change), visibility_timeout=60)
+    assert not healthy and report["status"] == "unhealthy"
+    assert len(report["problems"]) == 1 and problem in report["problems"][0]
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_the_endpoint_serves_healthz_beside_the_metrics() -> None:
+    state = {"healthy": True}
+
+    def health() -> tuple[bool, dict[str, Any]]:
+        return state["healthy"], {"status": "ok" if state["healthy"] else "unhealthy"}
+
+    port = free_port()
+    server = serve_metrics(port, worker="w1", batches=BatchStats(jobs_done=4), ledger=LedgerStats(), health=health)
+    try:
+        assert _get(f"http://127.0.0.1:{port}/healthz") == (200, b'{"status": "ok"}')
+        state["healthy"] = False
+        status, body = _get(f"http://127.0.0.1:{port}/healthz")
+        assert status == 503 and json.loads(body) == {"status": "unhealthy"}
+        status, body = _get(f"http://127.0.0.1:{port}/metrics")
+        assert status == 200 and b'vqa_jobs_total{status="succeeded",worker="w1"} 4.0' in body
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_real_worker_reports_healthy_while_it_answers_jobs(
+    stack_env: dict[str, str],
+    image_base_url: str,
+    client_for: Callable[[dict[str, str]], VQAClient],
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    port = free_port()
+    env = {**stack_env, "VQA_METRICS_PORT": str(port)}
+    start_worker(env, name="w-health")
+    client = client_for(env)
+    job_id = client.submit(f"{image_base_url}/{sorted(SIZES)[0]}", "Is it healthy?")
+    assert client.wait(job_id, timeout=60).status == "succeeded"
+    status, body = _get(f"http://127.0.0.1:{port}/healthz")
+    report = json.loads(body)
+    assert status == 200 and report["status"] == "ok", report
+    assert report["loop_age_s"] < 5 and report["model_thread_alive"] and report["writer_thread_alive"]
+    assert report["broker_reachable"] and report["generate_running_s"] is None
+
+
+def test_a_consumer_not_yet_running_is_not_healthy() -> None:
+    from worker.consumer import BatchingConsumer
+
+    from producer.settings import Settings
+
+    class _Runner:
+        stats = BatchStats()
+
+    consumer = BatchingConsumer(settings=Settings(), runner=_Runner(), prepare=None, stopping=threading.Event())  # type: ignore[arg-type]
+    healthy, report = check(consumer.progress(), visibility_timeout=60)
+    assert not healthy and "consumer loop not started" in report["problems"]
+    assert "model thread is not running" in report["problems"]
