@@ -129,7 +129,8 @@ class BatchRunner:
         self.events = events or TaskEvents.off()
         self.stats = BatchStats()
         self._sleep = sleep
-        self._deferred: list[tuple[Outcome, Record]] | None = None
+        # The batch infer() is working on: records complete() must store, and its STARTED writes.
+        self._deferred: list[tuple[Outcome, Record]] = []
         self._status_writes: list[Future[None]] = []
         # STARTED states go to the result backend off the model thread (with `appendfsync always`
         # each write waits for a disk flush: ~5% of the model's time when it waited for them).
@@ -154,7 +155,7 @@ class BatchRunner:
             outcomes = self._infer(batch)
             return Finishing(outcomes, self._deferred, self._status_writes)
         finally:
-            self._deferred, self._status_writes = None, []
+            self._deferred, self._status_writes = [], []
 
     def complete(self, finishing: Finishing) -> list[Outcome]:
         """Store the records of an inferred batch; every outcome is final afterwards."""
@@ -204,13 +205,12 @@ class BatchRunner:
         self.stats.batch_sizes.append(len(group))
         self._mark_started([pending.job.job_id for pending, _ in group])
         executions = self._count_executions([pending.job.job_id for pending, _ in group])
-        started = time.perf_counter()
-        self.stats.generate_started_at = time.monotonic()
+        self.stats.generate_started_at = started = time.monotonic()
         try:
             results = self._generate(group)
         finally:
             self.stats.generate_started_at = None
-        self.stats.slowest_batch_s = max(self.stats.slowest_batch_s, time.perf_counter() - started)
+        self.stats.slowest_batch_s = max(self.stats.slowest_batch_s, time.monotonic() - started)
         self.counters.survived([pending.job.job_id for pending, _ in group])
         outcomes = []
         for (pending, prepared), (answer, infer_ms, size), count in zip(group, results, executions, strict=True):
@@ -306,12 +306,10 @@ class BatchRunner:
         return keep
 
     def _finish(self, pending: Pending, record: Record) -> Outcome:
-        """Persist the record (retrying while storage is down), then ask for the ack; inside infer(), left to complete()."""
-        if self._deferred is not None:
-            placeholder = Outcome(pending, "ack", record=record)
-            self._deferred.append((placeholder, record))
-            return placeholder
-        return self._store(pending, record)
+        """A placeholder outcome; complete() persists the record (retrying while storage is down) and sets its action."""
+        placeholder = Outcome(pending, "ack", record=record)
+        self._deferred.append((placeholder, record))
+        return placeholder
 
     def _store(self, pending: Pending, record: Record) -> Outcome:
         try:
@@ -363,11 +361,7 @@ class BatchRunner:
             # always goes out before the job's task-succeeded or task-failed.
             self.events.started(job_ids)
 
-        future = self._status_pool.submit(write)
-        if self._deferred is None:  # not inside infer(): nothing waits for it later
-            future.result()
-        else:
-            self._status_writes.append(future)
+        self._status_writes.append(self._status_pool.submit(write))
 
     def _count_executions(self, job_ids: list[str]) -> list[int]:
         """Count one model run per job before it starts (worker/counters.py)."""
