@@ -30,7 +30,7 @@ test: env
 
 bench: env
 	$(BIN)/pip install -q -e '.[bench]'
-	$(BIN)/python scripts/bench.py
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) models .demo

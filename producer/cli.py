@@ -161,7 +161,7 @@ def make_tiny_model(
     seed: Annotated[int, typer.Option(help="Weights come from this seed.")] = 0,
 ) -> None:
     """Build a small random-weight LLaVA-NeXT checkpoint (real architecture, local tokenizer). Its answers are random text."""
-    from worker.tiny_model import build_tiny_model
+    from worker.dev.tiny_model import build_tiny_model
 
     if size not in ("tiny", "bench"):
         _fail("--size must be tiny or bench", code=2)
@@ -174,7 +174,7 @@ def demo(
     jobs: Annotated[int, typer.Option(help="How many jobs to submit.")] = 8,
 ) -> None:
     """Run the whole pipeline on this machine: private Redis, S3 API server, image server, one worker, a few jobs."""
-    from worker.demo import run_demo
+    from worker.dev.demo import run_demo
 
     raise typer.Exit(run_demo(_settings(), jobs=jobs))
 

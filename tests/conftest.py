@@ -18,7 +18,7 @@ import redis
 
 from producer.client import VQAClient
 from producer.settings import Settings
-from worker.devservices import RedisServer, S3Server, WorkerProcess, image_server
+from worker.dev.services import RedisServer, S3Server, WorkerProcess, image_server
 from tests.support.images import write_sample_images
 
 # Credentials for the local S3 API server; the code reads them the standard AWS way.
@@ -44,7 +44,7 @@ def s3_server() -> Iterator[S3Server]:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.tiny_model import build_tiny_model
+    from worker.dev.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", size="tiny", seed=0)
 

@@ -1,4 +1,4 @@
-"""The benchmark scripts themselves: `scripts/bench.py --profile tiny` and `scripts/gpu_bench.py --config small` on the CPU.
+"""The benchmark scripts themselves: `python -m bench --profile tiny` and `scripts/gpu_bench.py --config small` on the CPU.
 
 Their figures mean nothing at these sizes; what is tested is that every section runs, reports
 what the docs say it reports, and that the JSON a GPU run would commit is complete.
@@ -28,7 +28,7 @@ def _run(args: list[str], *, timeout: float) -> subprocess.CompletedProcess[str]
 
 
 def test_bench_tiny_profile_measures_every_section(tmp_path: Path) -> None:
-    _run([str(SCRIPTS / "bench.py"), "--profile", "tiny", "--out", str(tmp_path)], timeout=240)
+    _run(["-m", "bench", "--profile", "tiny", "--out", str(tmp_path)], timeout=240)
     result = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "results.md").read_text().startswith("# Benchmark results (tiny profile)")
 

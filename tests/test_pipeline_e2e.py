@@ -15,7 +15,7 @@ from producer import keys
 from producer.client import VQAClient
 from producer.schema import GenerationSettings
 from producer.settings import Settings
-from worker.devservices import WorkerProcess, free_port
+from worker.dev.services import WorkerProcess, free_port
 from tests.support.images import SIZES
 
 pytestmark = pytest.mark.slow

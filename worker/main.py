@@ -18,7 +18,7 @@ from producer.schema import Job
 from producer.settings import Settings
 from worker.consumer import BatchingConsumer
 from worker.events import TaskEvents
-from worker.images import FetchPolicy, fetch_image
+from worker.fetch.images import FetchPolicy, fetch_image
 from worker.runner import BatchRunner, Prepared
 from worker.storage import RecordStore, make_s3_client
 
@@ -94,5 +94,5 @@ def run_worker(settings: Settings) -> None:
     finally:
         events.stop()
     log.info("worker %s stopped: %d done, %d failed, %d batches", worker_name, runner.stats.jobs_done, runner.stats.jobs_failed, runner.stats.batches)
-    # scripts/bench.py reads this line.
+    # bench/ reads this line.
     log.info("padding: %d real / %d padded prompt tokens", model.real_tokens, model.padded_tokens)

@@ -15,7 +15,7 @@ from producer import bulk, keys
 from producer.client import VQAClient
 from producer.errors import BackendUnavailable
 from worker.consumer import decode_task_message
-from worker.devservices import WorkerProcess
+from worker.dev.services import WorkerProcess
 
 
 def _env(redis_url: str) -> dict[str, str]:

@@ -21,7 +21,7 @@ import pytest
 
 from tests.reliability.helpers import MAX_NEW_TOKENS, VISIBILITY_TIMEOUT_S
 from tests.reliability.history import History
-from worker.devservices import WorkerProcess
+from worker.dev.services import WorkerProcess
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from producer import keys
 from producer.client import VQAClient
 from tests.reliability.helpers import submit
 from tests.reliability.history import History
-from worker.devservices import WorkerProcess, free_port
+from worker.dev.services import WorkerProcess, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from producer.errors import BackendUnavailable
 from tests.reliability.helpers import SLOW_GENERATION, submit, wait_until
 from tests.reliability.history import History
 from tests.support.faulty_proxy import FaultyProxy
-from worker.devservices import RedisServer, S3Server, WorkerProcess
+from worker.dev.services import RedisServer, S3Server, WorkerProcess
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import pytest
 from producer.client import VQAClient
 from tests.reliability.helpers import submit
 from tests.reliability.history import History
-from worker.devservices import WorkerProcess
+from worker.dev.services import WorkerProcess
 
 pytestmark = pytest.mark.slow
 

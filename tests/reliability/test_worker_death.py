@@ -16,7 +16,7 @@ from producer import keys
 from producer.client import VQAClient
 from tests.reliability.helpers import SLOW_GENERATION, VISIBILITY_TIMEOUT_S, submit, wait_until
 from tests.reliability.history import History
-from worker.devservices import WorkerProcess
+from worker.dev.services import WorkerProcess
 
 pytestmark = pytest.mark.slow
 

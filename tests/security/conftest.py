@@ -19,7 +19,7 @@ import pytest
 from producer.client import VQAClient
 from producer.schema import Record
 from tests.support.abusive_http import AbusiveServer, ipv6_loopback_available
-from worker.devservices import WorkerProcess
+from worker.dev.services import WorkerProcess
 
 MIB = 1024 * 1024
 

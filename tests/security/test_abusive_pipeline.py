@@ -15,7 +15,7 @@ from tests.security.conftest import MIB, RssProbe, allowed_hosts, wait_all
 from tests.support.abusive_http import AbusiveServer
 from tests.support.image_bytes import gif, png_header_bomb
 from tests.support.images import SIZES
-from worker.devservices import WorkerProcess, image_server
+from worker.dev.services import WorkerProcess, image_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

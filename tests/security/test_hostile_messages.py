@@ -26,7 +26,7 @@ from producer.bulk import TaskMessages
 from producer.client import VQAClient
 from tests.security.conftest import wait_all
 from tests.support.abusive_http import wait_until
-from worker.devservices import WorkerProcess
+from worker.dev.services import WorkerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 FORGED_LOG_LINE = "2026-01-01 00:00:00,000 INFO worker.main: forged"

@@ -34,7 +34,7 @@ from producer.client import VQAClient
 from producer.errors import VQAError
 from tests.security.conftest import wait_all
 from tests.support.abusive_http import wait_until
-from worker.devservices import RedisServer, WorkerProcess, free_port
+from worker.dev.services import RedisServer, WorkerProcess, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

@@ -33,7 +33,7 @@ from producer.errors import InvalidJob
 from producer.settings import Settings
 from tests.security.conftest import wait_all
 from tests.support.abusive_http import wait_until
-from worker.devservices import WorkerProcess
+from worker.dev.services import WorkerProcess
 from worker.messages import SignatureVerifier
 
 pytestmark = pytest.mark.timeout(180)

@@ -21,7 +21,7 @@ from producer.schema import check_url_shape
 from tests.security.conftest import allowed_hosts, s3_record, wait_all
 from tests.support.abusive_http import AbusiveServer
 from tests.support.images import SIZES
-from worker.devservices import WorkerProcess
+from worker.dev.services import WorkerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

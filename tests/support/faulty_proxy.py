@@ -20,7 +20,7 @@ from collections import Counter
 from typing import Literal
 from urllib.parse import urlsplit
 
-from worker.devservices import free_port
+from worker.dev.services import free_port
 
 Mode = Literal["pass", "refuse", "error"]
 

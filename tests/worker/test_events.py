@@ -19,7 +19,7 @@ from producer.keys import TASK_NAME
 from producer.schema import ErrorInfo, GenerationSettings, Job, Record, utcnow
 from producer.settings import Settings
 from worker import events as events_module
-from worker.devservices import RedisServer, WorkerProcess, free_port
+from worker.dev.services import RedisServer, WorkerProcess, free_port
 from worker.events import TaskEvents
 from tests.support.images import SIZES
 

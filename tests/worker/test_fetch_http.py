@@ -26,7 +26,7 @@ from tests.support.abusive_http import (
     wait_until,
     write_self_signed_cert,
 )
-from worker.images import FetchPolicy, fetch_bytes, fetch_image
+from worker.fetch.images import FetchPolicy, fetch_bytes, fetch_image
 
 MIB = 1024 * 1024
 pytestmark = pytest.mark.timeout(30)

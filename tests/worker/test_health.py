@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from producer.client import VQAClient
-from worker.devservices import WorkerProcess, free_port
+from worker.dev.services import WorkerProcess, free_port
 from worker.health import LOOP_STALE_S, Progress, check
 from worker.ledger import LedgerStats
 from worker.metrics import serve_metrics

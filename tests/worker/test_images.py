@@ -32,9 +32,9 @@ from tests.support.image_bytes import (
     png_header_bomb,
     solid,
 )
-from worker import netguard
-from worker.images import DEFAULT_FORMATS, FetchPolicy, decode_image, fetch_bytes, sniff_format
-from worker.netguard import HostRules
+from worker.fetch import netguard
+from worker.fetch.images import DEFAULT_FORMATS, FetchPolicy, decode_image, fetch_bytes, sniff_format
+from worker.fetch.netguard import HostRules
 
 pytestmark = pytest.mark.timeout(30)
 POLICY = FetchPolicy()
@@ -286,7 +286,7 @@ def test_pillow_bomb_error_maps_to_ours(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_pillow_bomb_warning_is_contained_and_logged(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 144 pixels: Pillow warns, ours allows
-    with caplog.at_level(logging.DEBUG, logger="worker.images"):
+    with caplog.at_level(logging.DEBUG, logger="worker.fetch.images"):
         image = decode_image(solid("PNG", (12, 12)), FetchPolicy(max_pixels=1000))
     assert image.size == (12, 12)
     assert "decompression bomb" in caplog.text

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from producer.errors import ImageRejected
 from tests.support.image_bytes import fuzz_seeds
-from worker.images import FetchPolicy, decode_image
+from worker.fetch.images import FetchPolicy, decode_image
 
 pytestmark = pytest.mark.timeout(120)
 

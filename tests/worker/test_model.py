@@ -14,7 +14,7 @@ from producer.errors import ModelLoadError, OutOfMemory
 from producer.schema import GenerationSettings
 from producer.settings import Settings
 from worker.model import CARD_TEMPLATE, ModelInputs, VQAModel, resolve_device
-from worker.tiny_model import build_tiny_model
+from worker.dev.tiny_model import build_tiny_model
 
 # Different sizes and aspect ratios: anyres picks different tile grids, so each image gets a
 # different number of image tokens and the prompts in one batch have different lengths.

@@ -1,7 +1,7 @@
 """Move an image's bytes: one http(s) or S3 fetch under a total deadline and a byte cap.
 
 HTTP goes through urllib3's ``HTTPConnection`` pointed at an address that
-:mod:`worker.netguard` vetted, with the original ``Host`` header and, for https, the
+:mod:`worker.fetch.netguard` vetted, with the original ``Host`` header and, for https, the
 original name for SNI and certificate checks. Redirects are followed by hand so every hop
 is parsed, resolved and vetted again. The body is read in chunks and dropped at the cap,
 so memory stays at most ``max_bytes`` whatever the server sends. urllib3, http.client,
@@ -26,11 +26,11 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.util.ssl_match_hostname import CertificateError
 
 from producer.errors import FetchTimeout, ImageRejected, StorageUnavailable, UpstreamUnavailable, VQAError
-from worker import netguard
-from worker.netguard import IPAddress, Target, show
+from worker.fetch import netguard
+from worker.fetch.netguard import IPAddress, Target, show
 
 if TYPE_CHECKING:
-    from worker.images import FetchPolicy
+    from worker.fetch.images import FetchPolicy
 
 _CHUNK = 64 * 1024
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})

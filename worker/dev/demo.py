@@ -12,7 +12,7 @@ import boto3
 from producer import keys
 from producer.client import VQAClient
 from producer.settings import DEFAULT_MODEL, Settings
-from worker.devservices import RedisServer, S3Server, WorkerProcess, image_server
+from worker.dev.services import RedisServer, S3Server, WorkerProcess, image_server
 
 SAMPLES = Path(__file__).parent / "samples"
 TINY_MODEL_DIR = Path("models/tiny")
@@ -35,7 +35,7 @@ def run_demo(settings: Settings, *, jobs: int = 8) -> int:
     model = settings.model
     tiny = model == DEFAULT_MODEL and not _has_cuda()
     if tiny:
-        from worker.tiny_model import build_tiny_model
+        from worker.dev.tiny_model import build_tiny_model
 
         if not (TINY_MODEL_DIR / "config.json").exists():
             _say(f"building the tiny test model in {TINY_MODEL_DIR} ...")

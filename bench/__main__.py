@@ -1,7 +1,7 @@
 """`make bench`: throughput, latency, padding, enqueue rate and worker memory, measured in one run.
 
-    .venv/bin/python scripts/bench.py                     # full profile -> docs/benchmarks/
-    .venv/bin/python scripts/bench.py --profile tiny --out /tmp/bench   # seconds; what the tests run
+    .venv/bin/python -m bench                     # full profile -> docs/benchmarks/
+    .venv/bin/python -m bench --profile tiny --out /tmp/bench   # seconds; what the tests run
 
 Every figure comes from the same run on the same machine, so the ratios hold even where the
 absolute numbers are noisy. docs/benchmarks/README.md explains each figure.
@@ -24,20 +24,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for `producer` and `worker`
+from bench.e2e import burst, enqueue_rates, memory_run, open_loop
+from bench.model import QUESTION, direct_throughput, load_images, padding_run, write_workloads
+from bench.report import markdown, plot, targets
+from bench.stack import stack
 
-from bench_e2e import burst, enqueue_rates, memory_run, open_loop  # noqa: E402
-from bench_model import QUESTION, direct_throughput, load_images, padding_run, write_workloads  # noqa: E402
-from bench_report import markdown, plot, targets  # noqa: E402
-from bench_stack import stack  # noqa: E402
-
-from producer.schema import GenerationSettings  # noqa: E402
-from producer.settings import Settings  # noqa: E402
+from producer.schema import GenerationSettings
+from producer.settings import Settings
 
 
 @dataclass(frozen=True)
 class Profile:
-    model_size: str  # worker/tiny_model.py size used for sections 1-4
+    model_size: str  # worker/dev/tiny_model.py size used for sections 1-4
     batch_sizes: tuple[int, ...]
     jobs_min: int  # jobs per batch size: max(jobs_min, jobs_per_batch * batch)
     jobs_per_batch: int
@@ -69,7 +67,7 @@ _PADDING_LINE = re.compile(r"padding: (\d+) real / (\d+) padded prompt tokens")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="where results.{json,md,png} go")
     parser.add_argument("--memory-jobs", type=int, help="jobs for the memory run (full profile: 10000)")
@@ -128,7 +126,7 @@ def run(profile: Profile, *, name: str, command: str, sections: set[str]) -> dic
     import transformers
 
     from worker.model import VQAModel
-    from worker.tiny_model import build_tiny_model
+    from worker.dev.tiny_model import build_tiny_model
 
     started, load = time.monotonic(), LoadSampler()
     result: dict[str, Any] = {"meta": {"profile": name, "command": command, "started_at": datetime.now(UTC).isoformat(timespec="seconds")}}

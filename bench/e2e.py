@@ -8,8 +8,8 @@ from typing import Any
 
 import redis
 
-from bench_model import QUESTION
-from bench_stack import Done, Stack, gpu_memory_mib, process_counts, rss_kib
+from bench.model import QUESTION
+from bench.stack import Done, Stack, gpu_memory_mib, process_counts, rss_kib
 from producer import keys
 from producer.client import VQAClient
 from producer.schema import GenerationSettings

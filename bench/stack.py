@@ -25,7 +25,7 @@ import redis
 
 from producer.client import VQAClient
 from producer.settings import Settings
-from worker.devservices import RedisServer, S3Server, WorkerProcess, image_server
+from worker.dev.services import RedisServer, S3Server, WorkerProcess, image_server
 
 _META_PATTERN = "celery-task-meta-*"
 

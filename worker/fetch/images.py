@@ -2,8 +2,8 @@
 
     fetch_image(url, policy)  =  decode_image(fetch_bytes(url, policy), policy)
 
-``fetch_bytes`` speaks http, https (via :mod:`worker.imagefetch`, which connects only to
-addresses vetted by :mod:`worker.netguard`) and ``s3://bucket/key`` for buckets the policy
+``fetch_bytes`` speaks http, https (via :mod:`worker.fetch.download`, which connects only to
+addresses vetted by :mod:`worker.fetch.netguard`) and ``s3://bucket/key`` for buckets the policy
 lists. ``decode_image`` trusts nothing the server said: the format comes from the magic
 bytes, only an allow-list of formats reaches Pillow, the pixel count is checked from the
 header before any pixel is decoded, and only the first frame of an animation is decoded.
@@ -48,8 +48,8 @@ import PIL
 from PIL import Image, ImageOps
 
 from producer.errors import ImageRejected, OutOfMemory, VQAError
-from worker import imagefetch
-from worker.netguard import HostRules
+from worker.fetch import download
+from worker.fetch.netguard import HostRules
 
 if TYPE_CHECKING:
     from producer.settings import Settings
@@ -118,8 +118,8 @@ def fetch_bytes(url: str, policy: FetchPolicy, *, s3_client: Any = None) -> byte
     """Fetch the raw bytes behind ``url`` within the policy's deadline and byte cap."""
     deadline = time.monotonic() + policy.total_timeout_s
     if url[:5].lower() == "s3://":
-        return imagefetch.fetch_s3(url, policy, s3_client=s3_client, deadline=deadline)
-    return imagefetch.fetch_http(url, policy, deadline=deadline)
+        return download.fetch_s3(url, policy, s3_client=s3_client, deadline=deadline)
+    return download.fetch_http(url, policy, deadline=deadline)
 
 
 # --------------------------------------------------------------------------- decoding
