@@ -33,7 +33,7 @@ from tests.support.image_bytes import (
     solid,
 )
 from worker.fetch import netguard
-from worker.fetch.images import DEFAULT_FORMATS, FetchPolicy, decode_image, fetch_bytes, sniff_format
+from worker.fetch.images import DEFAULT_FORMATS, FetchPolicy, decode_image, fetch_bytes, install_pillow_warning_filter, sniff_format
 from worker.fetch.netguard import HostRules
 
 pytestmark = pytest.mark.timeout(30)
@@ -284,17 +284,46 @@ def test_pillow_bomb_error_maps_to_ours(monkeypatch: pytest.MonkeyPatch) -> None
 # --------------------------------------------------------------------------- Pillow's warnings
 
 
-def test_pillow_bomb_warning_is_contained_and_logged(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_the_start_up_filter_silences_pillows_warnings_even_where_warnings_are_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 144 pixels: Pillow warns, ours allows
-    with caplog.at_level(logging.DEBUG, logger="worker.fetch.images"):
-        image = decode_image(solid("PNG", (12, 12)), FetchPolicy(max_pixels=1000))
-    assert image.size == (12, 12)
-    assert "decompression bomb" in caplog.text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(Image.DecompressionBombWarning):
+            decode_image(solid("PNG", (12, 12)), FetchPolicy(max_pixels=1000))
+        install_pillow_warning_filter()
+        assert decode_image(solid("PNG", (12, 12)), FetchPolicy(max_pixels=1000)).size == (12, 12)
+        assert close(decode_image(jpeg_with_corrupt_exif(), POLICY).getpixel((4, 4)), GREEN)
 
 
 def test_corrupt_exif_warning_is_contained() -> None:
     image = decode_image(jpeg_with_corrupt_exif(), POLICY)  # filterwarnings=error would raise
     assert close(image.getpixel((4, 4)), GREEN)
+
+
+def test_decodes_overlap_across_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One slow decode must not hold up the fetch pool's others (a global lock around decoding did)."""
+    real_open = Image.open
+    slow_started, release = threading.Event(), threading.Event()
+
+    def open_slowly(fp: Any, *args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name == "slow":
+            slow_started.set()
+            release.wait(10)
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", open_slowly)
+    slow = threading.Thread(target=decode_image, args=(solid("PNG", (12, 12)), POLICY), name="slow")
+    slow.start()
+    try:
+        assert slow_started.wait(5)
+        done: list[Image.Image] = []
+        fast = threading.Thread(target=lambda: done.append(decode_image(solid("PNG", (12, 12)), POLICY)))
+        fast.start()
+        fast.join(timeout=5)
+        assert done, "a decode waited for another thread's decode to finish"
+    finally:
+        release.set()
+        slow.join()
 
 
 def test_concurrent_decodes_leave_the_warning_filters_as_they_were() -> None:

@@ -33,18 +33,12 @@ with one of these codes:
 from __future__ import annotations
 
 import io
-import logging
-import os
 import struct
-import threading
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import PIL
 from PIL import Image, ImageOps
 
 from producer.errors import ImageRejected, OutOfMemory, VQAError
@@ -54,7 +48,6 @@ from worker.fetch.netguard import HostRules
 if TYPE_CHECKING:
     from producer.settings import Settings
 
-log = logging.getLogger(__name__)
 
 # Formats an operator may enable. Vector and page formats (SVG, PDF, EPS/PostScript) are
 # absent on purpose: decoding them runs an interpreter (Ghostscript for EPS).
@@ -182,23 +175,22 @@ def decode_image(data: bytes, policy: FetchPolicy) -> Image.Image:
         raise ImageRejected(
             f"{fmt} images are not accepted; send one of {_format_list(policy)}", code="unsupported_format"
         )
-    with _pillow_warnings_contained():
-        try:
-            return _decode(data, fmt, policy)
-        except VQAError:
-            raise
-        except Image.DecompressionBombError as exc:
-            raise ImageRejected(
-                f"the {fmt} image has more than {policy.max_pixels:,} pixels; resize it and try again",
-                code="image_too_many_pixels",
-            ) from exc
-        except MemoryError as exc:
-            raise OutOfMemory(f"ran out of memory decoding a {fmt} image") from exc
-        except _PILLOW_ERRORS as exc:
-            raise ImageRejected(
-                f"the {fmt} image is truncated or corrupt ({str(exc)[:200]}); re-export or re-upload the original",
-                code="corrupt_image",
-            ) from exc
+    try:
+        return _decode(data, fmt, policy)
+    except VQAError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(
+            f"the {fmt} image has more than {policy.max_pixels:,} pixels; resize it and try again",
+            code="image_too_many_pixels",
+        ) from exc
+    except MemoryError as exc:
+        raise OutOfMemory(f"ran out of memory decoding a {fmt} image") from exc
+    except _PILLOW_ERRORS as exc:
+        raise ImageRejected(
+            f"the {fmt} image is truncated or corrupt ({str(exc)[:200]}); re-export or re-upload the original",
+            code="corrupt_image",
+        ) from exc
 
 
 # What Pillow's parsers and decoders raise on hostile bytes. The fuzz tests see OSError
@@ -250,31 +242,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-_PIL_DIR = os.path.dirname(PIL.__file__)
-# warnings.catch_warnings swaps process-wide state (Python < 3.14); decodes that overlap in
-# threads would restore each other's filters out of order, so the swap is serialised.
-_WARNINGS_LOCK = threading.Lock()
+def install_pillow_warning_filter() -> None:
+    """Silence Pillow's warnings about the images it decodes, process-wide; the worker calls it once at start.
 
-
-@contextmanager
-def _pillow_warnings_contained() -> Iterator[None]:
-    """Keep Pillow's warnings (corrupt EXIF, malformed MPO, DecompressionBombWarning) in here.
-
-    They describe the untrusted image, not our code: the outcome is already decided by our
-    own checks (pixel cap before decode, a typed error otherwise), so they are logged.
+    They describe the untrusted image (corrupt EXIF, a malformed MPO, a decompression-bomb
+    hint), not our code, and the outcome is already decided by our own checks (the pixel cap
+    before decoding, a typed error otherwise). A filter installed once costs nothing per image;
+    the alternative, ``warnings.catch_warnings`` around each decode, swaps process-wide state
+    and so had to hold a lock that let one image decode at a time across the fetch pool.
     """
-    caught: list[warnings.WarningMessage] = []
-    try:
-        with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield
-    finally:
-        for message in caught:
-            if message.filename.startswith(_PIL_DIR):
-                log.debug("Pillow warning while decoding: %s", message.message)
-            else:
-                # Another thread's warning, caught by accident: hand it back.
-                warnings.warn_explicit(message.message, message.category, message.filename, message.lineno, source=message.source)
+    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def _format_list(policy: FetchPolicy) -> str:
