@@ -86,7 +86,10 @@ def submit_many(
 ) -> None:
     """Validate every line, then enqueue them all (nothing is enqueued if any line is invalid). Prints one id per line."""
     settings = _settings()
-    text = sys.stdin.read() if str(path) == "-" else path.read_text()
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"cannot read {path}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}", code=2)
     client = _client(settings)
     try:
         # Every problem at once, numbered by the file's own lines (blank lines count).
@@ -139,6 +142,27 @@ def result(job_id: Annotated[str, typer.Argument(help="The job id printed by sub
     _print_record(record)
     if record.status != "succeeded":
         raise typer.Exit(1)
+
+
+@app.command("dead-letters")
+def dead_letters(
+    limit: Annotated[int, typer.Option("--limit", help="How many to show, newest first.")] = 20,
+) -> None:
+    """List queue entries the workers refused (malformed, unsigned, invalid job), newest first, as JSON lines."""
+    import redis
+
+    from worker.broker import RedisQueue
+
+    settings = _settings()
+    queue = RedisQueue(redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5, socket_timeout=30), queue=settings.queue)
+    try:
+        letters = queue.dead_letters(limit)
+    except redis.RedisError as exc:
+        _fail(f"cannot reach Redis: {type(exc).__name__}")
+    finally:
+        queue.client.close()
+    for letter in letters:
+        typer.echo(json.dumps(letter))
 
 
 @app.command()

@@ -16,8 +16,8 @@ from kombu.exceptions import OperationalError
 
 from producer import bulk, keys
 from producer.celery_app import make_celery
-from producer.errors import BackendUnavailable, InvalidJob, JobFailed, StorageUnavailable
-from producer.schema import GenerationSettings, Job, Record, derive_job_id, utcnow
+from producer.errors import BackendUnavailable, CorruptRecord, InvalidJob, JobFailed, StorageUnavailable
+from producer.schema import GenerationSettings, Job, Record, derive_job_id, parse_record, utcnow
 from producer.settings import Settings
 
 # A queued-but-unfinished job is not enqueued again for this long.
@@ -281,7 +281,10 @@ class VQAClient:
         return None
 
     def _record_from_s3(self, job_id: str) -> Record | None:
+        """The success record, else the failed one. An unreadable success object is skipped for the failed
+        record the worker writes about it; CorruptRecord only when no readable record stands beside it."""
         s3 = self._s3_client()
+        corrupt: CorruptRecord | None = None
         for key in (keys.result_key(self.settings.s3_prefix, job_id), keys.failed_key(self.settings.s3_prefix, job_id)):
             try:
                 body = s3.get_object(Bucket=self.settings.s3_bucket, Key=key)["Body"].read()
@@ -291,7 +294,12 @@ class VQAClient:
                 raise StorageUnavailable(f"S3 read of {key} failed: {exc.response['Error'].get('Code')}") from exc
             except BotoCoreError as exc:
                 raise StorageUnavailable(f"S3 read of {key} failed: {type(exc).__name__}") from exc
-            return Record.model_validate_json(body)
+            try:
+                return parse_record(body, key=key)
+            except CorruptRecord as exc:
+                corrupt = corrupt or exc
+        if corrupt is not None:
+            raise corrupt
         return None
 
     def _s3_client(self) -> Any:

@@ -14,7 +14,10 @@
     │   │                         corrupt_image, http_status, bad_scheme, bad_url,
     │   │                         unknown_host, tls_error, too_many_redirects)
     │   ├── ModelLoadError        the checkpoint cannot be loaded   (model_load)
-    │   └── PoisonJob             delivered too often without finishing (poison)
+    │   ├── PoisonJob             delivered too often without finishing (poison)
+    │   ├── MessageRejected       a queue entry that is no valid job message (message_rejected);
+    │   │                         it goes to the dead-letter list, never to the model
+    │   └── CorruptRecord         a stored record that does not parse as a Record (corrupt_record)
     └── JobFailed                 raised to producers when a job ended in a failed record
 
 The retry decision is one ``isinstance(exc, TransientError)``. Third-party errors
@@ -95,6 +98,22 @@ class ModelLoadError(PermanentError):
 
 class PoisonJob(PermanentError):
     code = "poison"
+
+
+class MessageRejected(PermanentError):
+    """A queue entry refused at intake (worker/intake.py): malformed, oversized, unsigned, not our task, invalid job."""
+
+    code = "message_rejected"
+
+
+class CorruptRecord(PermanentError):
+    """An object at a record's S3 key does not parse as today's :class:`producer.schema.Record`.
+
+    Corrupt, or written by an older or newer schema. It is kept as it is; the job ends in a
+    failed record that names the key.
+    """
+
+    code = "corrupt_record"
 
 
 class JobFailed(VQAError):

@@ -31,6 +31,11 @@ def executions_key(job_id: str) -> str:
     return f"vqa:executions:{job_id}"
 
 
+def dead_letters_key(queue: str) -> str:
+    """List of rejected queue entries (newest first) with the reason each was refused (worker/intake.py); capped."""
+    return f"vqa:dead-letters:{queue}"
+
+
 def unacked_key(queue: str) -> str:
     """Hash: delivery tag -> raw message, for every message a worker took and has not acked (worker/broker.py)."""
     return f"vqa:unacked:{queue}"

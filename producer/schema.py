@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from producer.errors import InvalidJob
+from producer.errors import CorruptRecord, InvalidJob
 
 MAX_URL_LENGTH = 2048
 MAX_QUESTION_LENGTH = 2000
@@ -115,6 +115,19 @@ class Record(BaseModel):
     fetch_ms: float | None = None
     infer_ms: float | None = None
     error: ErrorInfo | None = None
+
+
+def parse_record(body: bytes, *, key: str) -> Record:
+    """A record read back from S3, or CorruptRecord when the object is not one (corrupt, or another schema version)."""
+    try:
+        return Record.model_validate_json(body)
+    except ValidationError as exc:
+        problem = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(part) for part in problem["loc"]) or "record"
+        raise CorruptRecord(
+            f"{key} exists but is not a readable record ({where}: {problem['msg']}); it is kept as it is: "
+            "delete it and submit the job again to compute it again"
+        ) from exc
 
 
 def check_url_shape(value: str) -> str:

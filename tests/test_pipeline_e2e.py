@@ -145,3 +145,35 @@ def test_answers_in_s3_equal_direct_generate_whatever_the_batch(
         [direct] = model.generate([image], [question], generation)
         assert record.status == "succeeded"
         assert record.answer == direct, f"{name}: batch answer {record.answer!r} != direct {direct!r}"
+
+
+def test_an_unreadable_stored_record_fails_its_job_alone_and_is_kept(
+    stack_env: dict[str, str],
+    image_base_url: str,
+    client_for: Callable[[dict[str, str]], VQAClient],
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    """Half a JSON object at results/<id>.json: a failed record says why, the object stays, the companions are answered."""
+    client = client_for(stack_env)
+    names = sorted(SIZES)
+    ids = [client.submit(f"{image_base_url}/{names[i % len(names)]}", f"Question {i}: what is shown?") for i in range(8)]
+    s3 = boto3.client("s3", endpoint_url=stack_env["VQA_S3_ENDPOINT_URL"])
+    half = b'{"job_id": "' + ids[0].encode() + b'", "status": "succee'
+    s3.put_object(Bucket=stack_env["VQA_S3_BUCKET"], Key=keys.result_key("", ids[0]), Body=half)
+
+    worker = start_worker(stack_env)
+    records = {job_id: client.wait(job_id, timeout=90) for job_id in ids}
+
+    broken = records[ids[0]]
+    assert broken.status == "failed" and broken.error is not None and broken.error.code == "corrupt_record"
+    assert f"results/{ids[0]}.json" in broken.error.message and not broken.error.retryable
+    assert all(records[job_id].status == "succeeded" for job_id in ids[1:])
+    assert s3.get_object(Bucket=stack_env["VQA_S3_BUCKET"], Key=keys.result_key("", ids[0]))["Body"].read() == half
+    assert _s3_json(stack_env, keys.failed_key("", ids[0]))["error"]["code"] == "corrupt_record"
+    # The client reads past the unreadable object to the record that explains it.
+    assert client.result(ids[0]) == broken
+    # Acked: nothing of the job is left unacknowledged or queued.
+    broker = redis.Redis.from_url(stack_env["VQA_BROKER_URL"])
+    assert broker.hlen(keys.unacked_key("vqa")) == 0 and broker.llen("vqa") == 0
+    broker.close()
+    assert "Traceback" not in worker.log

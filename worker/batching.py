@@ -202,10 +202,14 @@ def padding_efficiency(batches: list[list[int]]) -> float:
     return real / padded if padded else 1.0
 
 
+# Batches a worker hands to its model thread at once: one running and one queued behind it.
+RUNNING_AND_QUEUED = 2
+
+
 def prefetch_batches(max_tokens: int) -> int:
     """How many batches' worth of messages a worker holds: one running and one queued behind it.
 
     Padding-aware batching takes one more, so that while a batch runs the batcher has two
     batches' worth of ready jobs to pick the best-fitting next batch from.
     """
-    return 3 if max_tokens else 2
+    return RUNNING_AND_QUEUED + (1 if max_tokens else 0)

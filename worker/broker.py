@@ -15,6 +15,7 @@ Layout (key names in producer/keys.py):
     <queue>, <queue>\x06\x163 ...  lists: producers LPUSH, workers RPOP (oldest first)
     vqa:unacked:<queue>         hash: tag -> raw message, for every taken, unacked message
     vqa:unacked-index:<queue>   zset: tag -> when it was taken (Redis server time, seconds)
+    vqa:dead-letters:<queue>    list: entries refused at intake (worker/intake.py), with the reason
 
 A message's tag is the SHA-1 of its raw bytes, so a message pushed back keeps its tag. It goes
 back to the head of its priority's list when a worker hands it back (:meth:`RedisQueue.requeue`) or when
@@ -25,21 +26,21 @@ clocks do not matter.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
+import time
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from producer import keys
-# The same refusals as kombu's guarded channel had (compressed or oversized bodies).
-from worker.messages import MAX_MESSAGE_BYTES, RefusedMessage
-from worker.messages import check_envelope
+
+# Rejected entries kept for inspection (``vqa dead-letters``), newest first; older ones are dropped.
+DEAD_LETTERS_KEPT = 10_000
+# A dead letter keeps this much of the raw entry: enough to see what it was.
+DEAD_LETTER_RAW_BYTES = 16 * 1024
 
 # KEYS: unacked hash, unacked index, then the queue's lists in the order they are served.
 _POP = """
@@ -101,61 +102,6 @@ end
 return #tags
 """
 
-# An envelope holds the body base64-encoded (4 characters per 3 bytes) plus headers.
-_MAX_RAW_BYTES = MAX_MESSAGE_BYTES * 4 // 3 + 64 * 1024
-
-
-class MalformedMessage(ValueError):
-    """The queue entry is not a kombu message envelope; it is dropped with this reason."""
-
-
-@dataclass(frozen=True)
-class QueueMessage:
-    """One message as taken off the queue: what worker.messages.decode_task_message reads."""
-
-    delivery_tag: str
-    headers: dict[str, Any]
-    body: bytes
-    content_type: str | None
-    content_encoding: str | None
-    properties: dict[str, Any]
-
-
-def parse_envelope(tag: str, raw: bytes) -> QueueMessage:
-    """Read a kombu Redis envelope; raise MalformedMessage (or RefusedMessage: compressed, oversized) otherwise."""
-    if len(raw) > _MAX_RAW_BYTES:
-        raise RefusedMessage(f"queue entry of {len(raw):,} bytes is over the {MAX_MESSAGE_BYTES:,}-byte limit")
-    try:
-        payload = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise MalformedMessage(f"not JSON ({type(exc).__name__})") from exc
-    if not isinstance(payload, dict):
-        raise MalformedMessage(f"envelope is a {type(payload).__name__}, not an object")
-    headers, properties, body = payload.get("headers"), payload.get("properties"), payload.get("body")
-    if not isinstance(headers, dict) or not isinstance(properties, dict):
-        raise MalformedMessage("envelope has no headers or properties object")
-    if not isinstance(properties.get("delivery_tag"), str) or not isinstance(properties.get("delivery_info"), dict):
-        raise MalformedMessage("envelope has no delivery tag or delivery info")
-    if not isinstance(body, str):
-        raise MalformedMessage("envelope has no body string")
-    check_envelope(payload)  # compressed or oversized bodies: refused before decoding
-    if properties.get("body_encoding") == "base64":
-        try:
-            data = base64.b64decode(body, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise MalformedMessage("body is not valid base64") from exc
-    else:
-        data = body.encode()
-    return QueueMessage(
-        delivery_tag=tag,
-        headers=headers,
-        body=data,
-        content_type=payload.get("content-type"),
-        content_encoding=payload.get("content-encoding"),
-        properties=properties,
-    )
-
-
 @dataclass(frozen=True)
 class Delivery:
     """A raw message taken off the queue, recorded as unacked under ``tag``."""
@@ -171,6 +117,7 @@ class RedisQueue:
         self.client = client
         self.queue = queue
         self._keys = [keys.unacked_key(queue), keys.unacked_index_key(queue), *keys.priority_queue_keys(queue)]
+        self._dead_letters = keys.dead_letters_key(queue)
         self._pop = client.register_script(_POP)
         self._requeue = client.register_script(_REQUEUE)
         self._restore = client.register_script(_RESTORE)
@@ -201,12 +148,28 @@ class RedisQueue:
         """Hand the message back to the head of its priority's list; False if it was no longer unacked."""
         return bool(self._requeue(keys=self._keys, args=[tag]))
 
+    def dead_letter(self, tag: str, raw: bytes, *, reason: str) -> None:
+        """Move a refused entry from unacked to the dead-letter list, with why it was refused (one transaction)."""
+        letter = json.dumps(
+            {
+                "reason": reason[:1000],
+                "rejected_at": time.time(),
+                "tag": tag,
+                "size": len(raw),
+                "raw": raw[:DEAD_LETTER_RAW_BYTES].decode("utf-8", errors="replace"),
+            }
+        )
+        pipe = self.client.pipeline(transaction=True)
+        pipe.lpush(self._dead_letters, letter)
+        pipe.ltrim(self._dead_letters, 0, DEAD_LETTERS_KEPT - 1)
+        pipe.hdel(self._keys[0], tag)
+        pipe.zrem(self._keys[1], tag)
+        pipe.execute()
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, object]]:
+        """The newest ``limit`` dead letters."""
+        return [json.loads(item) for item in self.client.lrange(self._dead_letters, 0, limit - 1)]
+
     def restore_expired(self, visibility_timeout: float, *, limit: int = 1000) -> int:
         """Put messages unacked for longer than ``visibility_timeout`` back at the head of the queue; how many."""
         return int(self._restore(keys=self._keys, args=[visibility_timeout, limit]))
-
-    def unacked(self) -> int:
-        return int(self.client.hlen(self._keys[0]))
-
-    def close(self) -> None:
-        self.client.close()

@@ -7,12 +7,29 @@ and keeps buffered messages on shutdown. This loop speaks Celery's task protocol
 on the same queue, so producers use plain Celery and ``AsyncResult`` works.
 
 Messages are taken off Redis by worker/broker.py (pop and record as unacked in one atomic
-step; kombu's BRPOP-then-record loses a message when Redis or the worker dies in between) and
-settled through worker/ledger.py, only after the job's record is stored.
+step; kombu's BRPOP-then-record loses a message when Redis or the worker dies in between),
+checked by worker/intake.py (a refused entry goes to the dead-letter list), and settled
+through worker/ledger.py, only after the job's record is stored.
 
-Threads: the consumer thread owns every message (receive, ack, requeue); a fetch pool
-downloads and decodes images as messages arrive, overlapping the model; one model thread
-runs batches. They talk through queues only.
+Threads, and what each one owns:
+
+    consumer (run)   every message and the ledger: receive, ack, requeue, dead-letter; the
+                     batcher, the retry list and the jobs being fetched; hands batches to
+                     the model thread; calls on_received / on_rejected / on_retried hooks
+    fetch pool       one job at a time (JobPreparer): existing record, fetch, decode,
+                     preprocess; writes only ``pending.prepared``, then queues the job back
+    model            BatchRunner.infer: the engine, plus the one Redis round trip that must
+                     precede it (worker/counters.py); no hook, no other I/O
+    writer           BatchRunner.complete for each inferred batch, in order, while the model
+                     runs the next one; with the runner's pools:
+      status         STARTED writes to the result backend and on_started hooks, in order
+      store pool     S3 and result-backend writes and on_stored hooks, per job
+    events           Celery events (worker/events.py), when VQA_SEND_EVENTS is on
+    metrics          the HTTP endpoint (worker/metrics.py), when VQA_METRICS_PORT is set
+
+They hand work to each other through queues (``_batches``, ``_finishing``, ``_outcomes``,
+``_ready``); the only state read across threads is counters (BatchStats, LedgerStats) and the
+health snapshot (:meth:`BatchingConsumer.progress`).
 """
 
 from __future__ import annotations
@@ -21,22 +38,23 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import redis
 
-from producer.errors import InvalidJob, PermanentError, VQAError
+from producer.errors import MessageRejected
 from producer.schema import Job
 from producer.settings import Settings
 from worker import visibility
-from worker.batching import MicroBatcher, prefetch_batches
-from worker.broker import Delivery, MalformedMessage, RedisQueue, parse_envelope
-from worker.events import TaskEvents
+from worker.batching import RUNNING_AND_QUEUED, MicroBatcher, prefetch_batches
+from worker.broker import Delivery, RedisQueue
 from worker.health import Progress
+from worker.hooks import Hooks
+from worker.intake import SignatureVerifier, read_message
+from worker.jobs import Outcome, Pending, Prepared
 from worker.ledger import Ledger
-from worker.messages import RefusedMessage, SignatureVerifier, decode_task_message, message_id
-from worker.runner import BatchRunner, Finishing, Outcome, Pending, Prepared
+from worker.runner import BatchRunner, Finishing
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +63,10 @@ _BUSY_POLL_S = 0.01  # while fetches or batches are in flight: notice them finis
 _EMPTY_POLL_S = 0.05  # the queue was empty: look again this soon (it is polled, see worker/broker.py)
 _RESTORE_EVERY_S = 1.0  # how often this worker puts messages past the visibility timeout back
 _RECONNECT_MAX_S = 10.0
+_LOOP_ERROR_PAUSE_MAX_S = 5.0  # after unexpected errors in a row, the loop pauses up to this long
+# Batches handed to the model thread whose outcomes are not back: the ones the prefetch holds
+# (one running, one queued behind it) and one whose records the writer is storing.
+_MAX_IN_FLIGHT = RUNNING_AND_QUEUED + 1
 
 
 class BatchingConsumer:
@@ -55,14 +77,15 @@ class BatchingConsumer:
         *,
         settings: Settings,
         runner: BatchRunner,
-        prepare: Any,
+        prepare: Callable[[Job], Prepared],
         stopping: threading.Event,
-        events: TaskEvents | None = None,
+        hooks: Hooks | None = None,
+        broker: RedisQueue | None = None,
     ) -> None:
         self.settings = settings
         self.runner = runner
-        self.events = events or TaskEvents.off()
-        self._prepare = prepare  # Callable[[Job], Prepared], runs on the fetch pool
+        self.hooks = hooks or Hooks()
+        self._prepare = prepare  # runs on the fetch pool (worker/preparing.py); never raises
         self.stopping = stopping
         self.batcher: MicroBatcher[Pending] = MicroBatcher(
             max_size=settings.max_batch_size,
@@ -74,18 +97,17 @@ class BatchingConsumer:
         self._fetch_pool = ThreadPoolExecutor(max_workers=settings.fetch_concurrency, thread_name_prefix="vqa-fetch")
         self._batches: queue.Queue[list[Pending] | None] = queue.Queue(maxsize=1)
         self._outcomes: queue.Queue[list[Outcome]] = queue.Queue()
-        # Batches handed to the model thread whose outcomes are not back: at most one running
-        # and one complete batch queued behind it, so the model never waits for this thread.
+        # Batches handed to the model thread whose outcomes are not back (at most _MAX_IN_FLIGHT).
         self._in_flight = 0
         self._handed = 0  # batches put on the model queue (consumer thread)
         self._inferred = 0  # batches the model thread has finished with (model thread; only ever grows)
         self._fetching: dict[int, Pending] = {}  # id() -> job whose fetch/preprocess is running
         self._ready: queue.SimpleQueue[Pending] = queue.SimpleQueue()  # fetched, not yet batched
         self._delayed: list[Pending] = []  # transient failures waiting for their retry time
-        self.broker = RedisQueue.from_url(settings.broker_url, queue=settings.queue)
+        self.broker = broker or RedisQueue.from_url(settings.broker_url, queue=settings.queue)
         # Every unacked message, by job id; acks and hand-backs go through it (see worker/ledger.py).
-        self.ledger = Ledger(visibility_timeout=settings.visibility_timeout)
-        self.ledger.attach(self.broker)
+        self.ledger = Ledger(self.broker, visibility_timeout=settings.visibility_timeout)
+        self._loop_errors = 0  # unexpected errors in a row in the consumer loop
         self._broker_backoff = 0.0  # > 0 while Redis is unreachable
         self._broker_retry_at = 0.0
         self._next_restore = 0.0
@@ -96,7 +118,7 @@ class BatchingConsumer:
         # Stores each batch's records while the model runs the next one (BatchRunner.complete).
         self._finishing: queue.SimpleQueue[tuple[list[Pending], Finishing] | None] = queue.SimpleQueue()
         self._writer_thread = threading.Thread(target=self._writer_loop, name="vqa-writer", daemon=True)
-        # Signing on: only messages signed by a trusted certificate become jobs (worker/messages.py).
+        # Signing on: only messages signed by a trusted certificate become jobs (worker/intake.py).
         self._verifier = (
             SignatureVerifier(settings.security_cert_store, digest=settings.security_digest)
             if settings.security_cert_store is not None
@@ -114,13 +136,27 @@ class BatchingConsumer:
             log.warning("%s", warning)
         log.info("consuming %r (batch %d, delay %d ms, prefetch %d)", self.settings.queue,
                  self.settings.max_batch_size, self.settings.max_batch_delay_ms, self.prefetch)
-        while not self.stopping.is_set():
-            self._loop_at = time.monotonic()
-            received = self._receive()
-            self._tick()
-            if not received:
-                self.stopping.wait(min(self._poll_timeout(), _EMPTY_POLL_S))
-        self._shutdown()
+        try:
+            while not self.stopping.is_set():
+                self._loop_at = time.monotonic()
+                try:
+                    received = self._receive()
+                    self._tick()
+                except Exception:  # noqa: BLE001 - a bug must not stop the worker holding messages
+                    # As dramatiq restarts its consumer: log it and go round again, after a pause
+                    # that grows while the errors repeat. The held messages stay held.
+                    self._loop_errors += 1
+                    pause = min(0.1 * 2 ** min(self._loop_errors, 10), _LOOP_ERROR_PAUSE_MAX_S)
+                    log.exception("unexpected error in the consumer loop (%d in a row); going on in %.1f s", self._loop_errors, pause)
+                    self.stopping.wait(pause)
+                    continue
+                self._loop_errors = 0
+                if not received:
+                    self.stopping.wait(min(self._poll_timeout(), _EMPTY_POLL_S))
+        finally:
+            # Whatever ended the loop (a signal, or an error that is not an Exception), the held
+            # messages go back now rather than after the visibility timeout.
+            self._shutdown()
 
     def stop(self) -> None:
         self.stopping.set()
@@ -172,18 +208,25 @@ class BatchingConsumer:
 
     def _on_delivery(self, delivery: Delivery) -> None:
         try:
-            message = parse_envelope(delivery.tag, delivery.raw)
-        except (MalformedMessage, RefusedMessage) as exc:
-            log.error("dropped a malformed message from %r: %s", self.settings.queue, str(exc)[:200])
-            self._drop(delivery.tag)
+            message, job = read_message(delivery.tag, delivery.raw, verifier=self._verifier)
+        except MessageRejected as exc:
+            log.error("rejected a message from %r (dead-lettered): %s", self.settings.queue, exc.message[:300])
+            self._dead_letter(delivery, exc.message)
             return
-        self._on_message(message)
+        if not self.ledger.hold(job.job_id, message.delivery_tag):
+            # Already held here (a duplicate publish, or redelivered while we were slow with it):
+            # settled with the first delivery's outcome instead of running the model twice.
+            log.info("job %s delivered again while held; it follows the first delivery", job.job_id)
+            return
+        self.hooks.on_received(job, message.headers)
+        self._enqueue(Pending(job=job, message=message, received_at=time.monotonic()))
 
-    def _drop(self, tag: str) -> None:
+    def _dead_letter(self, delivery: Delivery, reason: str) -> None:
         try:
-            self.broker.ack(tag)
+            self.broker.dead_letter(delivery.tag, delivery.raw, reason=reason)
         except redis.RedisError:
-            pass  # it comes back after the visibility timeout and is dropped again
+            return  # still unacked: it comes back after the visibility timeout and is refused again
+        self.hooks.on_rejected(delivery.tag, reason)
 
     def _tick(self) -> None:
         if not self._broker_backoff:
@@ -191,11 +234,11 @@ class BatchingConsumer:
         self._apply_outcomes()
         self._release_delayed()
         self._collect_ready()
-        while self._batches.empty() and self._in_flight < 3:
+        while self._batches.empty() and self._in_flight < _MAX_IN_FLIGHT:
             model_busy = self._handed > self._inferred
             # Idle model: any due batch. Busy model: only a complete one, queued behind it, and
             # not while the writer still holds an earlier batch (its messages fill the prefetch).
-            if model_busy and (self._in_flight >= 2 or not self._worth_queueing()):
+            if model_busy and (self._in_flight >= RUNNING_AND_QUEUED or not self._worth_queueing()):
                 return
             batch = self.batcher.take(complete_only=model_busy)
             if not batch:
@@ -215,21 +258,6 @@ class BatchingConsumer:
             timeout = min(timeout, _BUSY_POLL_S)
         return timeout
 
-    def _on_message(self, message: Any) -> None:
-        try:
-            job = decode_task_message(message, verifier=self._verifier)
-        except InvalidJob as exc:
-            log.error("rejected message %s: %s", message_id(message), exc)
-            self._drop(message.delivery_tag)
-            return
-        if not self.ledger.hold(job.job_id, message.delivery_tag):
-            # Already held here (a duplicate publish, or redelivered while we were slow with it):
-            # settled with the first delivery's outcome instead of running the model twice.
-            log.info("job %s delivered again while held; it follows the first delivery", job.job_id)
-            return
-        self.events.received(job, headers=message.headers)
-        self._enqueue(Pending(job=job, message=message, received_at=time.monotonic()))
-
     def _enqueue(self, pending: Pending) -> None:
         # The batcher only gets jobs whose image is fetched and preprocessed: a batch never
         # waits on a slow download, and padding-aware batching needs the prompt length.
@@ -245,7 +273,7 @@ class BatchingConsumer:
         a full garbage collection (rare beside a loaded model); the worker grew ~10 MiB per
         1,000 jobs that way (docs/benchmarks/README.md).
         """
-        pending.prepared = self._safe_prepare(pending.job)
+        pending.prepared = self._prepare(pending.job)
         self._ready.put(pending)
 
     def _collect_ready(self) -> None:
@@ -257,19 +285,10 @@ class BatchingConsumer:
             if self._fetching.pop(id(pending), None) is None:
                 continue  # handed back on shutdown meanwhile
             prepared = pending.prepared or Prepared()
-            needs_model = prepared.inputs is not None or prepared.image is not None
+            needs_model = prepared.inputs is not None
             # Jobs that need no model (record exists, fetch failed) are batched apart from those that do.
             key = pending.job.generation if needs_model else ("no-model", pending.job.generation)
             self.batcher.add(key, pending, cost=prepared.cost, arrived_at=pending.received_at)
-
-    def _safe_prepare(self, job: Job) -> Prepared:
-        try:
-            return self._prepare(job)
-        except VQAError as exc:
-            return Prepared(error=exc)
-        except Exception as exc:  # noqa: BLE001 - one bad image must not escape into the loop
-            log.exception("unexpected error preparing job %s", job.job_id)
-            return Prepared(error=PermanentError(f"could not prepare the job: {type(exc).__name__}", code="internal_error"))
 
     def _apply_outcomes(self) -> None:
         while True:
@@ -284,6 +303,8 @@ class BatchingConsumer:
                     pending.attempt += 1
                     pending.not_before = time.monotonic() + outcome.delay_s
                     self._delayed.append(pending)
+                    if outcome.error is not None:
+                        self.hooks.on_retried(pending.job, outcome.error, outcome.delay_s)
                     continue
                 # Shutting down, a retry goes back to the queue at once (its attempt is not used up).
                 action = "ack" if outcome.action == "ack" else "requeue"

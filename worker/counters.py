@@ -7,12 +7,18 @@
                            VQA_MAX_DELIVERIES the job is poison.
 
 A Redis error never stops a job: counting is skipped (and the job treated as a first delivery).
+
+The model thread makes one Redis round trip per group it runs (:meth:`JobCounters.count_run`),
+and it must wait for it: a run that kills the worker (a CUDA fault, the OOM killer) must already
+be counted, or a poison job would never be quarantined. Reading the counts (on the fetch pool)
+and resetting them after the run (on the writer thread) happen elsewhere.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import redis
 
@@ -22,26 +28,66 @@ log = logging.getLogger(__name__)
 
 COUNTER_TTL_S = 7 * 24 * 3600
 
+# KEYS: per job its deliveries key then its executions key. ARGV[1]: max deliveries, ARGV[2]:
+# TTL, ARGV[2 + i]: "1" when job i's delivery is to be counted (its first time in a model on
+# this delivery). A job whose count passes the limit is poison: it does not run, so its run
+# is not counted. Returns per job {deliveries (-1 when not counted), executions (0 when poison)}.
+_COUNT_RUN = """
+local out = {}
+for i = 1, #KEYS / 2 do
+  local deliveries, executions = -1, 0
+  if ARGV[2 + i] == '1' then
+    deliveries = redis.call('INCR', KEYS[2 * i - 1])
+    redis.call('EXPIRE', KEYS[2 * i - 1], ARGV[2])
+  end
+  if deliveries <= tonumber(ARGV[1]) then
+    executions = redis.call('INCR', KEYS[2 * i])
+    redis.call('EXPIRE', KEYS[2 * i], ARGV[2])
+  end
+  out[#out + 1] = {deliveries, executions}
+end
+return out
+"""
+
+
+@dataclass(frozen=True)
+class RunCount:
+    """One job's counts as it enters the model."""
+
+    deliveries: int | None  # None when this delivery was counted before (a retry on the same delivery)
+    executions: int  # 0: not run, the job is poison
+
 
 class JobCounters:
     """Reads and bumps the counters for a batch's jobs, one round trip per call."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
+        self._count_run = client.register_script(_COUNT_RUN)
 
-    def earlier_deliveries(self, job_ids: list[str]) -> dict[str, int]:
-        """Deliveries of each job that reached a model and never came back; {} when Redis is away."""
+    def count_run(self, job_ids: Sequence[str], *, count_delivery: Sequence[bool], max_deliveries: int) -> list[RunCount]:
+        """Count each job's delivery (where asked) and its model run, in one round trip; poison jobs are not run."""
         if not job_ids:
-            return {}
+            return []
+        script_keys = [key for job_id in job_ids for key in (keys.deliveries_key(job_id), keys.executions_key(job_id))]
+        flags = ["1" if flag else "0" for flag in count_delivery]
         try:
-            raw = self.client.mget([keys.deliveries_key(job_id) for job_id in job_ids])
-        except redis.RedisError:
-            return {}
-        return {job_id: int(value or 0) for job_id, value in zip(job_ids, raw, strict=True)}
+            replies = self._count_run(keys=script_keys, args=[max_deliveries, COUNTER_TTL_S, *flags])
+        except redis.RedisError as exc:
+            log.warning("cannot count deliveries and executions (%s); skipped for this batch", type(exc).__name__)
+            return [RunCount(deliveries=1 if flag else None, executions=1) for flag in count_delivery]
+        counts = [RunCount(deliveries=None if d == -1 else int(d), executions=int(e)) for d, e in replies]
+        for job_id, count in zip(job_ids, counts, strict=True):
+            if count.executions > 1:
+                log.warning("job %s runs the model for the %d. time (redelivery or retry)", job_id, count.executions)
+        return counts
 
-    def count_deliveries(self, job_ids: list[str]) -> list[int]:
-        """Count this delivery of each job as reaching the model; the new totals (1 each when Redis is away)."""
-        return self._bump(keys.deliveries_key, job_ids, what="deliveries")
+    def earlier_deliveries(self, job_id: str) -> int:
+        """Deliveries of the job that reached a model and never came back; 0 when Redis is away."""
+        try:
+            return int(self.client.get(keys.deliveries_key(job_id)) or 0)
+        except redis.RedisError:
+            return 0
 
     def survived(self, job_ids: list[str]) -> None:
         """The model came back from these jobs: they did not kill it, so their delivery counts start over.
@@ -54,28 +100,9 @@ class JobCounters:
         except redis.RedisError:
             pass  # counted once more than needed; quarantine still takes max_deliveries crashes
 
-    def count_executions(self, job_ids: list[str]) -> list[int]:
-        """Count one model run per job; the new totals (1 each when Redis is away)."""
-        counts = self._bump(keys.executions_key, job_ids, what="executions")
-        for job_id, count in zip(job_ids, counts, strict=True):
-            if count > 1:
-                log.warning("job %s runs the model for the %d. time (redelivery or retry)", job_id, count)
-        return counts
-
     def forget_submission(self, job_id: str) -> None:
         """A failed job may be submitted again; drop the producer's 'already queued' claim."""
         try:
             self.client.delete(keys.submitted_key(job_id))
         except redis.RedisError:
             pass
-
-    def _bump(self, key: Callable[[str], str], job_ids: list[str], *, what: str) -> list[int]:
-        try:
-            pipe = self.client.pipeline(transaction=False)
-            for job_id in job_ids:
-                pipe.incr(key(job_id))
-                pipe.expire(key(job_id), COUNTER_TTL_S)
-            return [int(count) for count in pipe.execute()[::2]]
-        except redis.RedisError as exc:
-            log.warning("cannot count %s (%s); skipped for this batch", what, type(exc).__name__)
-            return [1] * len(job_ids)

@@ -45,14 +45,14 @@ class LedgerStats:
 
 
 class Ledger:
-    """Delivery tags held per job id; settles them on the queue given to :meth:`attach`."""
+    """Delivery tags held per job id; settles them on ``queue``."""
 
-    def __init__(self, *, visibility_timeout: float) -> None:
+    def __init__(self, queue: SettlesByTag, *, visibility_timeout: float) -> None:
         self.visibility_timeout = visibility_timeout
         self.stats = LedgerStats()
         self._tags: dict[str, list[str]] = {}
         self._unsettled: list[tuple[str, Action]] = []
-        self._queue: SettlesByTag | None = None
+        self._queue = queue
         self._warned_at = float("-inf")
 
     def __len__(self) -> int:
@@ -79,11 +79,6 @@ class Ledger:
         self.stats.duplicate_deliveries += 1
         return False
 
-    def attach(self, queue: SettlesByTag) -> None:
-        """Settle on ``queue`` from now on, starting with what could not be settled before."""
-        self._queue = queue
-        self.retry_unsettled()
-
     def settle(self, job_id: str, action: Action, *, received_at: float | None = None) -> None:
         """Ack (the record is stored) or requeue every delivery of the job this worker holds."""
         for tag in self._tags.pop(job_id, []):
@@ -93,8 +88,6 @@ class Ledger:
 
     def retry_unsettled(self) -> None:
         """Settle what could not be settled before, in order; stop at the first failure (Redis still away)."""
-        if self._queue is None:
-            return
         while self._unsettled:
             tag, action = self._unsettled[0]
             if not self._try(tag, action, quiet=True):
@@ -105,11 +98,10 @@ class Ledger:
 
     def _settle_tag(self, tag: str, action: Action) -> None:
         # Behind earlier failures, wait in line: Redis is probably still away.
-        if self._queue is None or self._unsettled or not self._try(tag, action):
+        if self._unsettled or not self._try(tag, action):
             self._unsettled.append((tag, action))
 
     def _try(self, tag: str, action: Action, *, quiet: bool = False) -> bool:
-        assert self._queue is not None
         try:
             if action == "ack":
                 self._queue.ack(tag)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from transformers.utils import is_flash_attn_2_available
 from producer.errors import ModelLoadError, OutOfMemory
 from producer.schema import GenerationSettings
 from producer.settings import Settings
+from worker.engine import Answer
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +66,9 @@ PAD_TO_MULTIPLE_OF = 16
 
 
 class VQAModel:
-    """A loaded processor + model pair that turns (image, question) lists into answers.
+    """A loaded processor + model pair that turns (image, question) lists into answers: the Hugging Face engine.
 
-    Build it with :meth:`load`. :meth:`generate` runs one batched ``model.generate`` call;
+    Implements :class:`worker.engine.Engine`. Build it with :meth:`load`. :meth:`generate` runs one batched ``model.generate`` call;
     with greedy decoding each answer is the one that job would get alone, up to floating-point
     near-ties (kernels round differently for different batch shapes; see the tests).
     """
@@ -159,8 +161,16 @@ class VQAModel:
             input_ids=encoded["input_ids"][0], pixel_values=encoded["pixel_values"][0], image_size=encoded["image_sizes"][0]
         )
 
+    def cost(self, inputs: ModelInputs) -> int:
+        """Prompt tokens, image tokens included: what the job adds to a padded batch."""
+        return inputs.num_tokens
+
     def generate_prepared(self, items: list[ModelInputs], generation: GenerationSettings) -> list[str]:
-        """Answer prepared jobs in one batched call; answers in input order."""
+        """Answer prepared jobs in one batched call; the answers' text in input order."""
+        return [answer.text for answer in self.generate_batch(items, generation)]
+
+    def generate_batch(self, items: Sequence[ModelInputs], generation: GenerationSettings) -> list[Answer]:
+        """The engine's batched call (worker/engine.py): one Answer per prepared job, in input order."""
         if not items:
             return []
         inputs = self._collate(items)
@@ -176,11 +186,21 @@ class VQAModel:
             _release_cached_memory()
             raise OutOfMemory(f"out of memory generating a batch of {len(items)}: {exc}") from exc
         # With left padding every row's prompt ends at the same column: the rest is the answer.
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        answers = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        return [answer.strip() for answer in answers]
+        new_tokens = output[:, inputs["input_ids"].shape[1] :].cpu()
+        texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        image_token = self.model.config.image_token_id
+        eos = self.processor.tokenizer.eos_token_id
+        return [
+            Answer(
+                text=text.strip(),
+                prompt_tokens=item.num_tokens,
+                image_tokens=int((item.input_ids == image_token).sum()),
+                generated_tokens=_generated_length(row, eos),
+            )
+            for item, text, row in zip(items, texts, new_tokens, strict=True)
+        ]
 
-    def _collate(self, items: list[ModelInputs]) -> dict[str, torch.Tensor]:
+    def _collate(self, items: Sequence[ModelInputs]) -> dict[str, torch.Tensor]:
         """What the processor gives for a batch: prompts left-padded to a multiple of 16, tiles zero-padded."""
         longest = _round_up(max(item.num_tokens for item in items), PAD_TO_MULTIPLE_OF)
         most_tiles = max(item.pixel_values.shape[0] for item in items)
@@ -201,8 +221,7 @@ class VQAModel:
         }
 
     def _generate(self, inputs: Any, kwargs: dict[str, Any]) -> torch.Tensor:
-        # The one place the model runs. FAULT HOOK (test-only, not built yet): out-of-memory
-        # injection for tests will wrap this call; keep every generate going through here.
+        # The one place the model runs.
         return self.model.generate(**inputs, **kwargs)
 
     def count_4bit_linears(self) -> int:
@@ -269,6 +288,15 @@ def _generate_kwargs(generation: GenerationSettings, tokenizer: Any) -> dict[str
         # The job's settings are the whole sampling spec: no hidden top-k=50 from transformers' defaults.
         kwargs["top_k"] = 0
     return kwargs
+
+
+def _generated_length(row: torch.Tensor, eos_token_id: int | None) -> int:
+    """Tokens the model generated for one row: up to and including its first end-of-sequence (the rest is padding)."""
+    if eos_token_id is not None:
+        ends = (row == eos_token_id).nonzero()
+        if len(ends):
+            return int(ends[0, 0]) + 1
+    return int(row.shape[0])
 
 
 def _is_out_of_memory(exc: RuntimeError) -> bool:

@@ -1,9 +1,19 @@
 """The inference stage: one micro-batch in, one outcome per job out.
 
-Runs on the worker's model thread. Every job gets its own outcome: a record written
-(then the message is acked), a retry later (the message stays unacked), or a hand-back
-to the queue. One bad job never fails its batch companions: a batch that raises is split
-in halves until the culprit stands alone.
+Split in two so the model never waits for storage:
+
+    infer(batch)        the model thread: counts each group's run (one Redis round trip, which
+                        must land before the model runs: worker/counters.py), runs the engine,
+                        builds the records; nothing else
+    complete(finishing) the writer thread: resets the delivery counts of jobs the model came
+                        back from, waits for the batch's STARTED writes, stores the records
+                        (S3, then the result backend, then the ``on_stored`` hooks) on a small
+                        pool, and reports the batch to the hooks
+
+Every job gets its own outcome: a record written (then the message is acked), a retry later
+(the message stays unacked), or a hand-back to the queue. One bad job never fails its batch
+companions: a batch that raises is split in halves until the culprit stands alone, and a job
+whose record cannot be stored is handed back alone.
 """
 
 from __future__ import annotations
@@ -16,10 +26,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Literal
-
-import redis
 
 from producer.errors import (
     BackendUnavailable,
@@ -29,11 +36,13 @@ from producer.errors import (
     TransientError,
     VQAError,
 )
-from producer.schema import ErrorInfo, Job, Record, utcnow
+from producer.schema import ErrorInfo, Record, utcnow
 from producer.settings import Settings
 from worker.counters import JobCounters
-from worker.events import TaskEvents
-from worker.storage import RecordStore
+from worker.engine import Answer, Engine
+from worker.hooks import BatchReport, Hooks
+from worker.jobs import Outcome, Pending, Prepared
+from worker.storage import RecordStore, Stored
 
 log = logging.getLogger(__name__)
 
@@ -41,56 +50,21 @@ _STORE_BACKOFF_CAP_S = 10.0  # an S3 or backend outage is noticed to be over wit
 
 
 @dataclass
-class Prepared:
-    """What the fetch stage produced for a job: an image, an existing record, or an error."""
-
-    image: Any = None
-    existing: Record | None = None
-    error: VQAError | None = None
-    fetch_ms: float | None = None
-    # The image preprocessed off the model thread (worker.model.ModelInputs), when available.
-    inputs: Any = None
-    cost: int = 0  # prompt tokens, image tokens included: what padding-aware batching groups by
-
-
-@dataclass
-class Pending:
-    """A received job. ``message`` is the queue message (worker.broker.QueueMessage): only the consumer thread touches it."""
-
-    job: Job
-    message: Any
-    received_at: float
-    attempt: int = 1
-    prepared: Prepared | None = None  # set by the fetch pool before the job reaches the batcher
-    not_before: float = 0.0
-    started_at: datetime | None = None
-    deliveries: int = 0
-
-
-@dataclass
-class Outcome:
-    """What the consumer thread must do with the job's message."""
-
-    pending: Pending
-    action: Literal["ack", "retry", "requeue"]
-    delay_s: float = 0.0
-    record: Record | None = None
-
-
-@dataclass
 class Finishing:
     """A batch whose model work is done and whose records are still to be stored (:meth:`BatchRunner.complete`)."""
 
     outcomes: list[Outcome]
-    # Outcomes that are placeholders until their record is stored: complete() sets their action.
+    # Outcomes that are placeholders ("requeue") until their record is stored: complete() sets their action.
     to_store: list[tuple[Outcome, Record]] = field(default_factory=list)
     # The batch's STARTED writes (BatchRunner._mark_started); its records are stored after them.
     status_writes: list[Future[None]] = field(default_factory=list)
+    survived: list[str] = field(default_factory=list)  # jobs the model came back from
+    reports: list[BatchReport] = field(default_factory=list)
 
 
 @dataclass
 class BatchStats:
-    """Counters the metrics endpoint and the benchmarks read."""
+    """The runner's own counters: the health check, the benchmarks and the worker's last log line read them."""
 
     batches: int = 0
     jobs_done: int = 0
@@ -102,7 +76,15 @@ class BatchStats:
     poisoned: int = 0  # jobs quarantined after too many deliveries
     slowest_batch_s: float = 0.0  # longest generate call: the visibility timeout must cover it
     generate_started_at: float | None = None  # time.monotonic() of the generate call in progress (worker/health.py)
-    batch_sizes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Answered:
+    """One job's result from the engine: its answer or its error, the time and size of the call that answered it."""
+
+    answer: Answer | VQAError
+    infer_ms: float | None
+    size: int
 
 
 class BatchRunner:
@@ -112,26 +94,23 @@ class BatchRunner:
         self,
         *,
         settings: Settings,
-        model: Any,
+        engine: Engine,
         store: RecordStore,
-        counters: redis.Redis,
+        counters: JobCounters,
         worker_name: str,
         stopping: threading.Event,
+        hooks: Hooks | None = None,
         sleep: Callable[[float], None] = time.sleep,
-        events: TaskEvents | None = None,
     ) -> None:
         self.settings = settings
-        self.model = model
+        self.engine = engine
         self.store = store
-        self.counters = JobCounters(counters)
+        self.counters = counters
         self.worker_name = worker_name
         self.stopping = stopping
-        self.events = events or TaskEvents.off()
+        self.hooks = hooks or Hooks()
         self.stats = BatchStats()
         self._sleep = sleep
-        # The batch infer() is working on: records complete() must store, and its STARTED writes.
-        self._deferred: list[tuple[Outcome, Record]] = []
-        self._status_writes: list[Future[None]] = []
         # STARTED states go to the result backend off the model thread (with `appendfsync always`
         # each write waits for a disk flush: ~5% of the model's time when it waited for them).
         # One thread keeps them in order; complete() stores a batch's records only after them,
@@ -144,125 +123,112 @@ class BatchRunner:
     def run(self, batch: list[Pending]) -> list[Outcome]:
         return self.complete(self.infer(batch))
 
+    # -- the model thread -------------------------------------------------------------------
+
     def infer(self, batch: list[Pending]) -> Finishing:
-        """Everything up to the answers (the model thread's part); :meth:`complete` stores the records.
-
-        The worker runs complete() on another thread, so the model starts its next batch while
-        this one's records go to S3 and the result backend.
-        """
-        self._deferred, self._status_writes = [], []
-        try:
-            outcomes = self._infer(batch)
-            return Finishing(outcomes, self._deferred, self._status_writes)
-        finally:
-            self._deferred, self._status_writes = [], []
-
-    def complete(self, finishing: Finishing) -> list[Outcome]:
-        """Store the records of an inferred batch; every outcome is final afterwards."""
-        wait(finishing.status_writes)
-        placeholders = [placeholder for placeholder, _ in finishing.to_store]
-        results = self._store_pool.map(lambda item: self._store(item[0].pending, item[1]), finishing.to_store)
-        for placeholder, stored in zip(placeholders, results, strict=True):
-            placeholder.action, placeholder.record = stored.action, stored.record
-        return finishing.outcomes
-
-    def _infer(self, batch: list[Pending]) -> list[Outcome]:
+        """Everything up to the answers (the model thread's part); :meth:`complete` stores the records."""
+        finishing = Finishing(outcomes=[])
         started_at = utcnow()
-        outcomes: list[Outcome] = []
-        runnable: list[tuple[Pending, Prepared]] = []
+        runnable: list[Pending] = []
         for pending in batch:
             pending.started_at = pending.started_at or started_at
             prepared = pending.prepared or Prepared()
             if prepared.existing is not None:
-                outcomes.append(self._finish(pending, prepared.existing))
+                self._finish(finishing, pending, prepared.existing)
             elif prepared.error is not None:
-                outcomes.append(self._on_error(pending, prepared.error, prepared, batch_size=len(batch)))
+                self._on_error(finishing, pending, prepared.error, batch_size=len(batch))
             else:
-                runnable.append((pending, prepared))
-        for group in self._isolate_suspects(runnable):
-            # Counted per group, right before it runs: a crash is charged to that group only.
-            group = self._drop_poison(group, outcomes, batch_size=len(batch))
-            if group:
-                outcomes.extend(self._run_group(group))
-        return outcomes
+                runnable.append(pending)
+        for group in _isolate_suspects(runnable):
+            self._run_group(finishing, group, batch_size=len(batch))
+        return finishing
 
-    def _isolate_suspects(self, items: list[tuple[Pending, Prepared]]) -> list[list[tuple[Pending, Prepared]]]:
-        """First deliveries run together; a job that reached a model before may be what killed that worker, so it runs alone.
-
-        Otherwise its batch companions would be charged with its crashes and quarantined with it.
-        """
-        before = self.counters.earlier_deliveries([pending.job.job_id for pending, _ in items if pending.deliveries == 0])
-
-        def earlier(pending: Pending) -> int:
-            return pending.deliveries - 1 if pending.deliveries else before.get(pending.job.job_id, 0)
-
-        fresh = [item for item in items if earlier(item[0]) == 0]
-        return ([fresh] if fresh else []) + [[item] for item in items if earlier(item[0]) > 0]
-
-    def _run_group(self, group: list[tuple[Pending, Prepared]]) -> list[Outcome]:
-        """One batched generate. Executions are counted before it runs, so a run that kills the worker counts too."""
+    def _run_group(self, finishing: Finishing, group: list[Pending], *, batch_size: int) -> None:
+        """One batched generate. The runs are counted before it, so a run that kills the worker counts too."""
+        counts = self.counters.count_run(
+            [pending.job.job_id for pending in group],
+            count_delivery=[pending.deliveries == 0 for pending in group],
+            max_deliveries=self.settings.max_deliveries,
+        )
+        runs: list[tuple[Pending, int]] = []
+        for pending, count in zip(group, counts, strict=True):
+            if count.deliveries is not None:
+                pending.deliveries = count.deliveries
+            if count.executions == 0:
+                self.stats.poisoned += 1
+                error = PoisonJob(
+                    f"delivered {pending.deliveries} times without finishing (limit {self.settings.max_deliveries}); quarantined"
+                )
+                log.error("job %s: %s", pending.job.job_id, error)
+                self._finish(finishing, pending, self._record(pending, status="failed", error=error, batch_size=batch_size))
+            else:
+                runs.append((pending, count.executions))
+        if not runs:
+            return
+        self._mark_started(finishing, [pending for pending, _ in runs])
         self.stats.batches += 1
-        self.stats.batch_sizes.append(len(group))
-        self._mark_started([pending.job.job_id for pending, _ in group])
-        executions = self._count_executions([pending.job.job_id for pending, _ in group])
+        self.stats.executions += len(runs)
+        duplicates = sum(1 for _, executions in runs if executions > 1)
+        self.stats.duplicate_executions += duplicates
+        splits_before = self.stats.oom_splits
         self.stats.generate_started_at = started = time.monotonic()
         try:
-            results = self._generate(group)
+            results = self._generate([pending for pending, _ in runs])
         finally:
             self.stats.generate_started_at = None
-        self.stats.slowest_batch_s = max(self.stats.slowest_batch_s, time.monotonic() - started)
-        self.counters.survived([pending.job.job_id for pending, _ in group])
-        outcomes = []
-        for (pending, prepared), (answer, infer_ms, size), count in zip(group, results, executions, strict=True):
-            if isinstance(answer, VQAError):
-                outcomes.append(self._on_error(pending, answer, prepared, batch_size=size))
+        elapsed = time.monotonic() - started
+        self.stats.slowest_batch_s = max(self.stats.slowest_batch_s, elapsed)
+        finishing.survived.extend(pending.job.job_id for pending, _ in runs)
+        costs = [(pending.prepared or Prepared()).cost for pending, _ in runs]
+        finishing.reports.append(
+            BatchReport(
+                size=len(runs),
+                generate_s=elapsed,
+                real_tokens=sum(costs),
+                padded_tokens=len(costs) * max(costs),
+                executions=len(runs),
+                duplicate_executions=duplicates,
+                oom_splits=self.stats.oom_splits - splits_before,
+            )
+        )
+        for (pending, executions), result in zip(runs, results, strict=True):
+            if isinstance(result.answer, VQAError):
+                self._on_error(finishing, pending, result.answer, batch_size=result.size)
                 continue
             record = self._record(
                 pending,
                 status="succeeded",
-                answer=answer,
-                prepared=prepared,
-                batch_size=size,  # after an out-of-memory split, the half that answered it
-                infer_ms=infer_ms,
-                executions=count,
+                answer=result.answer.text,
+                batch_size=result.size,  # after an out-of-memory split, the half that answered it
+                infer_ms=result.infer_ms,
+                executions=executions,
             )
-            outcomes.append(self._finish(pending, record))
-        return outcomes
+            self._finish(finishing, pending, record)
 
-    # -- the model --------------------------------------------------------------------------
-
-    def _generate(self, items: list[tuple[Pending, Prepared]]) -> list[tuple[str | VQAError, float | None, int]]:
-        """One batched generate; on failure split in halves so only the culprit fails.
-
-        Per job: the answer (or its error), the generate time, and the size of the call that answered it.
-        """
-        generation = items[0][0].job.generation
+    def _generate(self, items: list[Pending]) -> list[_Answered]:
+        """One batched generate; on failure split in halves so only the culprit fails."""
+        generation = items[0].job.generation
         start = time.perf_counter()
         try:
             self._inject_faults(items)
-            if all(prepared.inputs is not None for _, prepared in items):
-                answers = self.model.generate_prepared([prepared.inputs for _, prepared in items], generation)
-            else:
-                answers = self.model.generate(
-                    [prepared.image for _, prepared in items], [pending.job.question for pending, _ in items], generation
-                )
+            answers = self.engine.generate_batch([(pending.prepared or Prepared()).inputs for pending in items], generation)
         except Exception as exc:  # noqa: BLE001 - isolate whatever broke; the error is kept per job
             error = exc if isinstance(exc, VQAError) else PermanentError(f"model failed: {type(exc).__name__}: {exc}", code="model_error")
             if len(items) == 1:
-                log.warning("job %s failed in the model: %s", items[0][0].job.job_id, error)
-                return [(error, None, 1)]
+                log.warning("job %s failed in the model: %s", items[0].job.job_id, error)
+                return [_Answered(error, None, 1)]
             if isinstance(error, OutOfMemory):
                 self.stats.oom_splits += 1
             log.warning("batch of %d failed (%s); splitting to isolate it", len(items), error.code)
             middle = len(items) // 2
             return self._generate(items[:middle]) + self._generate(items[middle:])
         infer_ms = (time.perf_counter() - start) * 1000
-        return [(answer, infer_ms, len(items)) for answer in answers]
+        return [_Answered(answer, infer_ms, len(items)) for answer in answers]
 
-    def _inject_faults(self, items: list[tuple[Pending, Prepared]]) -> None:
+    def _inject_faults(self, items: list[Pending]) -> None:
         """Test-only fault hooks (off by default): a batch with a marked question kills the worker; a batch larger than N runs out of memory."""
         marker = self.settings.fault_crash_on_question
-        if marker and any(marker in pending.job.question for pending, _ in items):
+        if marker and any(marker in pending.job.question for pending in items):
             log.critical("injected crash: batch of %d holds a job marked %r (VQA_FAULT_CRASH_ON_QUESTION)", len(items), marker)
             for handler in logging.getLogger().handlers:
                 handler.flush()
@@ -271,70 +237,95 @@ class BatchRunner:
         if limit and len(items) > limit:
             raise OutOfMemory(f"injected out-of-memory for a batch of {len(items)} (VQA_FAULT_OOM_ABOVE_BATCH={limit})")
 
-    # -- outcomes ---------------------------------------------------------------------------
-
-    def _on_error(self, pending: Pending, error: VQAError, prepared: Prepared, *, batch_size: int) -> Outcome:
+    def _on_error(self, finishing: Finishing, pending: Pending, error: VQAError, *, batch_size: int) -> None:
         if isinstance(error, TransientError) and pending.attempt < self.settings.max_attempts:
             self.stats.retries += 1
             delay = _backoff(pending.attempt)
             log.info("job %s: %s (%s); retry %d in %.1f s", pending.job.job_id, error.code, error, pending.attempt + 1, delay)
-            self.events.retried(pending.job.job_id, reason=f"{error.code}: {error.message}")
-            return Outcome(pending, "retry", delay_s=delay)
-        record = self._record(pending, status="failed", error=error, prepared=prepared, batch_size=batch_size)
-        return self._finish(pending, record)
+            finishing.outcomes.append(Outcome(pending, "retry", delay_s=delay, error=error))
+            return
+        self._finish(finishing, pending, self._record(pending, status="failed", error=error, batch_size=batch_size))
 
-    def _drop_poison(
-        self, items: list[tuple[Pending, Prepared]], outcomes: list[Outcome], *, batch_size: int
-    ) -> list[tuple[Pending, Prepared]]:
-        """Count each delivery that reaches the model; quarantine jobs delivered too often."""
-        first_tries = [pending for pending, _ in items if pending.deliveries == 0]
-        counts = self.counters.count_deliveries([pending.job.job_id for pending in first_tries]) if first_tries else []
-        for pending, count in zip(first_tries, counts, strict=True):
-            pending.deliveries = count
-        keep = []
-        for pending, prepared in items:
-            if pending.deliveries > self.settings.max_deliveries:
-                error = PoisonJob(
-                    f"delivered {pending.deliveries} times without finishing (limit {self.settings.max_deliveries}); quarantined"
-                )
-                self.stats.poisoned += 1
-                log.error("job %s: %s", pending.job.job_id, error)
-                record = self._record(pending, status="failed", error=error, prepared=prepared, batch_size=batch_size)
-                outcomes.append(self._finish(pending, record))
-            else:
-                keep.append((pending, prepared))
-        return keep
+    def _finish(self, finishing: Finishing, pending: Pending, record: Record) -> None:
+        """A placeholder outcome that hands the message back unless complete() stores the record and sets "ack"."""
+        placeholder = Outcome(pending, "requeue", record=record)
+        finishing.outcomes.append(placeholder)
+        finishing.to_store.append((placeholder, record))
 
-    def _finish(self, pending: Pending, record: Record) -> Outcome:
-        """A placeholder outcome; complete() persists the record (retrying while storage is down) and sets its action."""
-        placeholder = Outcome(pending, "ack", record=record)
-        self._deferred.append((placeholder, record))
-        return placeholder
+    def _mark_started(self, finishing: Finishing, group: list[Pending]) -> None:
+        jobs = [pending.job for pending in group]
+
+        def write() -> None:
+            try:
+                self.store.mark_started([job.job_id for job in jobs])
+            except BackendUnavailable as exc:
+                log.warning("could not mark jobs started: %s", exc)
+            except Exception:  # noqa: BLE001 - a status write must never cost the batch
+                log.exception("could not mark jobs started")
+            # Here, off the model thread; complete() waits for this, so on_started always comes
+            # before the job's on_stored.
+            self.hooks.on_started(jobs)
+
+        finishing.status_writes.append(self._status_pool.submit(write))
+
+    # -- the writer thread ------------------------------------------------------------------
+
+    def complete(self, finishing: Finishing) -> list[Outcome]:
+        """Store the records of an inferred batch; every outcome is final afterwards."""
+        if finishing.survived:
+            self.counters.survived(finishing.survived)
+        wait(finishing.status_writes)
+        placeholders = [placeholder for placeholder, _ in finishing.to_store]
+        results = self._store_pool.map(lambda item: self._store(item[0].pending, item[1]), finishing.to_store)
+        for placeholder, stored in zip(placeholders, results, strict=True):
+            placeholder.action, placeholder.record = stored.action, stored.record
+        for report in finishing.reports:
+            self.hooks.on_batch(report)
+        return finishing.outcomes
 
     def _store(self, pending: Pending, record: Record) -> Outcome:
+        """Store one job's record, then run the on_stored hooks; "ack" only when both are done.
+
+        Whatever goes wrong here concerns this job alone: a transient failure hands its message
+        back, an unexpected error too (logged with its traceback), and a record that cannot be
+        stored for good (an unreadable object at its key) becomes a failed record saying why.
+        """
+        job_id = pending.job.job_id
         try:
-            stored = self._persist(record)
+            try:
+                stored = self._persist(pending, record)
+            except PermanentError as exc:
+                log.error("job %s: %s", job_id, exc)
+                stored = self._persist(pending, self._record(pending, status="failed", error=exc, batch_size=record.batch_size))
+            self.hooks.on_stored(stored.record, job=pending.job, created=stored.created)
         except TransientError as exc:
-            log.warning("job %s: giving its message back, record not stored: %s", pending.job.job_id, exc)
+            log.warning("job %s: giving its message back, record not stored: %s", job_id, exc)
+            return Outcome(pending, "requeue")
+        except Exception:  # noqa: BLE001 - one job's surprise must not strand its batch
+            log.exception("job %s: storing its record failed unexpectedly; giving its message back", job_id)
             return Outcome(pending, "requeue")
         with self._stats_lock:  # complete() runs this on several threads
-            if stored.status == "succeeded":
+            if stored.record.status == "succeeded":
                 self.stats.jobs_done += 1
             else:
                 self.stats.jobs_failed += 1
-        if stored.status != "succeeded":
-            self.counters.forget_submission(pending.job.job_id)
-        self.events.stored(stored)  # task-succeeded or task-failed
-        return Outcome(pending, "ack", record=stored)
+        if stored.record.status != "succeeded":
+            self.counters.forget_submission(job_id)
+        return Outcome(pending, "ack", record=stored.record)
 
-    def _persist(self, record: Record) -> Record:
+    def _persist(self, pending: Pending, record: Record) -> Stored:
         """S3 first (the authority), then the result backend; each retried until it works or shutdown.
 
         An outage of our own stores never fails the job: the answer is kept and the message stays
-        unacked, so nothing is lost if the worker dies meanwhile.
+        unacked, so nothing is lost if the worker dies meanwhile. A record that was found in S3
+        already (a redelivery) is not written again, only mirrored to the backend.
         """
-        stored = self._retry_store(lambda: self.store.write(record), record.job_id, "S3")
-        self._retry_store(lambda: self.store.publish(stored), record.job_id, "the result backend")
+        existing = pending.prepared.existing if pending.prepared is not None else None
+        if existing is not None and record is existing:
+            stored = Stored(existing, created=False)
+        else:
+            stored = self._retry_store(lambda: self.store.write(record), record.job_id, "S3")
+        self._retry_store(lambda: self.store.publish(stored.record), record.job_id, "the result backend")
         return stored
 
     def _retry_store(self, write: Callable[[], Any], job_id: str, where: str) -> Any:
@@ -349,33 +340,11 @@ class BatchRunner:
                 self._sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, _STORE_BACKOFF_CAP_S)
 
-    def _mark_started(self, job_ids: list[str]) -> None:
-        def write() -> None:
-            try:
-                self.store.mark_started(job_ids)
-            except BackendUnavailable as exc:
-                log.warning("could not mark jobs started: %s", exc)
-            except Exception:  # noqa: BLE001 - a status write must never cost the batch
-                log.exception("could not mark jobs started")
-            # Here, off the model thread; complete() waits for this write, so task-started
-            # always goes out before the job's task-succeeded or task-failed.
-            self.events.started(job_ids)
-
-        self._status_writes.append(self._status_pool.submit(write))
-
-    def _count_executions(self, job_ids: list[str]) -> list[int]:
-        """Count one model run per job before it starts (worker/counters.py)."""
-        counts = self.counters.count_executions(job_ids)
-        self.stats.executions += len(job_ids)
-        self.stats.duplicate_executions += sum(1 for count in counts if count > 1)
-        return counts
-
     def _record(
         self,
         pending: Pending,
         *,
         status: Literal["succeeded", "failed"],
-        prepared: Prepared,
         batch_size: int,
         answer: str | None = None,
         error: VQAError | None = None,
@@ -383,14 +352,15 @@ class BatchRunner:
         executions: int = 0,
     ) -> Record:
         job = pending.job
+        prepared = pending.prepared or Prepared()
         return Record(
             job_id=job.job_id,
             status=status,
             image_url=job.image_url,
             question=job.question,
             answer=answer,
-            model=job.model if self.model is None else str(self.model.name),
-            quantization=self.settings.quantization,
+            model=str(self.engine.name),
+            quantization=str(self.engine.quantization),
             generation=job.generation,
             attempts=max(pending.deliveries - 1, 0) + pending.attempt,
             executions=executions,
@@ -403,6 +373,21 @@ class BatchRunner:
             infer_ms=infer_ms,
             error=None if error is None else ErrorInfo(code=error.code, message=error.message, retryable=error.retryable),
         )
+
+
+def _isolate_suspects(items: list[Pending]) -> list[list[Pending]]:
+    """First deliveries run together; a job that reached a model before may be what killed that worker, so it runs alone.
+
+    Otherwise its batch companions would be charged with its crashes and quarantined with it.
+    """
+
+    def earlier(pending: Pending) -> int:
+        if pending.deliveries:
+            return pending.deliveries - 1
+        return (pending.prepared or Prepared()).earlier_deliveries
+
+    fresh = [pending for pending in items if earlier(pending) == 0]
+    return ([fresh] if fresh else []) + [[pending] for pending in items if earlier(pending) > 0]
 
 
 def _backoff(attempt: int, base_s: float = 0.5, cap_s: float = 30.0) -> float:

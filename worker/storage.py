@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import boto3
 import redis
@@ -13,14 +13,17 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from producer import keys
-from producer.errors import BackendUnavailable, JobFailed, StorageUnavailable
-from producer.schema import Record
+from producer.errors import BackendUnavailable, CorruptRecord, JobFailed, StorageUnavailable
+from producer.schema import Record, parse_record
 from producer.settings import Settings
 
 log = logging.getLogger(__name__)
 
 _MISSING = {"NoSuchKey", "404", "NotFound"}
-_CONDITION_FAILED = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+_CONDITION_FAILED = {"PreconditionFailed", "412"}
+# AWS answers 409 while a *concurrent* conditional write to the key is still in progress: that
+# write may yet fail, so nothing can be concluded; it is retried like any transient error.
+_CONDITION_CONFLICT = {"ConditionalRequestConflict", "409"}
 _CONDITION_UNSUPPORTED = {"NotImplemented", "501"}
 
 
@@ -28,6 +31,13 @@ def make_s3_client(settings: Settings) -> Any:
     """One boto3 client; credentials from the standard AWS sources, short timeouts so outages surface."""
     config = Config(connect_timeout=5, read_timeout=30, retries={"mode": "standard", "max_attempts": 3})
     return boto3.client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
+
+
+class Stored(NamedTuple):
+    """What S3 holds for the job after a write, and whether this write created it."""
+
+    record: Record
+    created: bool
 
 
 class RecordStore:
@@ -48,40 +58,56 @@ class RecordStore:
     # -- S3 ---------------------------------------------------------------------------------
 
     def existing(self, job_id: str) -> Record | None:
-        """The job's success record if one was already written."""
-        body = self._get(keys.result_key(self.prefix, job_id))
-        return None if body is None else Record.model_validate_json(body)
+        """The job's success record if one was already written; CorruptRecord if the object there is unreadable."""
+        key = keys.result_key(self.prefix, job_id)
+        body = self._get(key)
+        return None if body is None else parse_record(body, key=key)
 
-    def write(self, record: Record) -> Record:
-        """Write the record; return the record that S3 now holds for the job (the first one wins)."""
+    def write(self, record: Record) -> Stored:
+        """Write the record; return what S3 now holds for the job (the first success wins).
+
+        Raises StorageUnavailable (retry) when S3 is away or a conditional create conflicted
+        with no winner readable yet, and CorruptRecord when the success key holds an
+        unreadable object (a success cannot be written there; the caller fails the job).
+        """
         body = record.model_dump_json().encode()
         if record.status == "failed":
             return self._write_failed(record, body)
         key = keys.result_key(self.prefix, record.job_id)
         if not self._create(key, body):
             winner = self.existing(record.job_id)
-            if winner is not None:
-                log.info("job %s already had a record; keeping the first", record.job_id)
-                return winner
+            if winner is None:
+                # 412, yet nothing there: the competing write is not visible yet (or was undone).
+                # Acking now would leave the job with no record at all.
+                raise StorageUnavailable(f"S3 refused to create {key} but holds no readable record yet")
+            log.info("job %s already had a record; keeping the first", record.job_id)
+            return Stored(winner, created=False)
         self._delete_quietly(keys.failed_key(self.prefix, record.job_id))
-        return record
+        return Stored(record, created=True)
 
-    def _write_failed(self, record: Record, body: bytes) -> Record:
+    def _write_failed(self, record: Record, body: bytes) -> Stored:
         """A failed record never stands next to a success: a redelivered copy that failed loses to one that succeeded.
 
         Checked before and after the write: a success created meanwhile either deleted our failed
-        record already (it deletes after creating) or is seen by the second check.
+        record already (it deletes after creating) or is seen by the second check. An unreadable
+        object at the success key is no success: the failure is recorded beside it.
         """
-        winner = self.existing(record.job_id)
+        winner = self._readable_success(record.job_id)
         if winner is None:
             key = keys.failed_key(self.prefix, record.job_id)
             self._put(key, body)
-            winner = self.existing(record.job_id)
+            winner = self._readable_success(record.job_id)
             if winner is None:
-                return record
+                return Stored(record, created=True)
             self._delete_quietly(key)
         log.info("job %s already succeeded elsewhere; its failure here is dropped", record.job_id)
-        return winner
+        return Stored(winner, created=False)
+
+    def _readable_success(self, job_id: str) -> Record | None:
+        try:
+            return self.existing(job_id)
+        except CorruptRecord:
+            return None
 
     def _create(self, key: str, body: bytes) -> bool:
         """Create ``key`` unless it exists. False when it already existed."""
@@ -124,6 +150,8 @@ class RecordStore:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code in _MISSING:
                 raise _Missing() from exc
+            if code in _CONDITION_CONFLICT or status == 409:
+                raise StorageUnavailable(f"S3 {operation}: a concurrent conditional write is in progress ({code or status})") from exc
             if code in _CONDITION_FAILED or status == 412:
                 raise _ConditionFailed() from exc
             if code in _CONDITION_UNSUPPORTED:

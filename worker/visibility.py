@@ -19,7 +19,6 @@ from __future__ import annotations
 from producer.settings import Settings
 from worker.batching import prefetch_batches
 
-BATCHES_AHEAD = 2  # the prefetch is 2 x max_batch_size: at most two batches queue before a job's own
 STORE_ALLOWANCE_S = 2.0
 SAFETY_FACTOR = 2.0
 

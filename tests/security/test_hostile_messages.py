@@ -20,9 +20,11 @@ from typing import Any
 import pytest
 import redis
 from kombu import Connection
+from typer.testing import CliRunner
 
 from producer import keys
 from producer.bulk import TaskMessages
+from producer.cli import app as cli_app
 from producer.client import VQAClient
 from tests.security.conftest import wait_all
 from tests.support.abusive_http import wait_until
@@ -67,16 +69,16 @@ def _hostile_entries(client: VQAClient) -> dict[str, tuple[str | bytes, str]]:
     bad_job = lambda **fields: protocol({"job": {**job, **fields}})  # noqa: E731
     base = e("base")
     entries: dict[str, tuple[str | bytes, str]] = {
-        # Not a kombu envelope at all: kombu itself raises; the worker drops and goes on.
-        "garbage": (b"\x00\xffnot json at all", "malformed message"),
-        "json-list": ("[1, 2, 3]", "malformed message"),
-        "empty-object": ("{}", "malformed message"),
-        "no-delivery-tag": (json.dumps({"body": "", "properties": {}}), "malformed message"),
-        "headers-not-a-dict": (json.dumps({**base, "headers": "task=vqa.answer"}), "malformed message"),
-        "bad-base64": (json.dumps({**base, "body": "!!!not base64!!!"}), "malformed message"),
+        # Not a kombu envelope at all: kombu itself raises; the worker dead-letters it and goes on.
+        "garbage": (b"\x00\xffnot json at all", "not JSON"),
+        "json-list": ("[1, 2, 3]", "envelope is a list"),
+        "empty-object": ("{}", "no headers or properties"),
+        "no-delivery-tag": (json.dumps({"body": "", "properties": {}}), "no headers or properties"),
+        "headers-not-a-dict": (json.dumps({**base, "headers": "task=vqa.answer"}), "no headers or properties"),
+        "bad-base64": (json.dumps({**base, "body": "!!!not base64!!!"}), "not valid base64"),
         "no-delivery-info": (
             json.dumps({**base, "properties": {"delivery_tag": "t", "body_encoding": "base64"}}),
-            "malformed message",
+            "no delivery tag or delivery info",
         ),
         # kombu would inflate this 200 MB of zeros before any of our code ran.
         "zlib-bomb": (
@@ -114,6 +116,7 @@ def test_hostile_messages_are_dropped_with_a_reason_and_good_jobs_answered(
     image_base_url: str,
     client_for: Callable[[dict[str, str]], VQAClient],
     start_worker: Callable[..., WorkerProcess],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     client = client_for(stack_env)
     broker = redis.Redis.from_url(stack_env["VQA_BROKER_URL"])
@@ -138,7 +141,7 @@ def test_hostile_messages_are_dropped_with_a_reason_and_good_jobs_answered(
     records = wait_all(client, before + after)
     assert all(record.status == "succeeded" and record.answer for record in records.values())
     expected = len(entries) + 1
-    refusals = re.compile(r"(rejected message|dropped a malformed message|rejected undecodable message)")
+    refusals = re.compile(r"rejected a message from 'vqa' \(dead-lettered\)")
     assert wait_until(lambda: len(refusals.findall(worker.log)) >= expected, timeout=20), worker.log[-3000:]
 
     log = worker.log
@@ -157,3 +160,12 @@ def test_hostile_messages_are_dropped_with_a_reason_and_good_jobs_answered(
     assert broker.llen("vqa") == 0
     unacked = keys.unacked_key("vqa")
     assert wait_until(lambda: broker.hlen(unacked) == 0, timeout=10), broker.hkeys(unacked)
+    # Nothing vanished: each refused entry is on the dead-letter list with its reason, and the CLI lists them.
+    for name, value in stack_env.items():
+        monkeypatch.setenv(name, value)
+    listed = CliRunner().invoke(cli_app, ["dead-letters", "--limit", "100"])
+    assert listed.exit_code == 0, listed.output
+    letters = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert len(letters) == expected == broker.llen(keys.dead_letters_key("vqa"))
+    for name, (_, reason) in entries.items():
+        assert any(reason in letter["reason"] for letter in letters), f"{name}: no dead letter with {reason!r}"

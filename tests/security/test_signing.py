@@ -34,7 +34,7 @@ from producer.settings import Settings
 from tests.security.conftest import wait_all
 from tests.support.abusive_http import wait_until
 from worker.dev.services import WorkerProcess
-from worker.messages import SignatureVerifier
+from worker.intake import SignatureVerifier
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -183,8 +183,8 @@ def test_signing_worker_answers_signed_jobs_and_refuses_the_rest(
         tampered_id: "bad signature",
         switched_id: "signed content type",
     }
-    assert wait_until(lambda: worker.log.count("rejected message") >= len(reasons), timeout=20), worker.log[-2000:]
-    lines = [line for line in worker.log.splitlines() if "rejected message" in line]
+    assert wait_until(lambda: worker.log.count("rejected a message") >= len(reasons), timeout=20), worker.log[-2000:]
+    lines = [line for line in worker.log.splitlines() if "rejected a message" in line]
     assert len(lines) == len(reasons)
     for job_id, reason in reasons.items():
         if job_id != tampered_id:  # the id header is outside the signature; the body is not

@@ -200,6 +200,13 @@ def test_cli_submit_many_reports_every_bad_line_by_file_line_number(
     assert len(result.stdout.split()) == 2 == broker.llen("vqa")
 
 
+def test_cli_submit_many_on_a_missing_file_is_a_clear_error(tmp_path: Path, cli: Callable[..., Any], broker: redis.Redis) -> None:
+    result = cli("submit-many", str(tmp_path / "nowhere.jsonl"))
+    assert result.exit_code == 2 and result.stderr.startswith("error: cannot read ") and "No such file" in result.stderr
+    assert "Traceback" not in result.output
+    assert_nothing_enqueued(broker)
+
+
 def test_cli_settings_errors_do_not_echo_values(cli: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VQA_VISIBILITY_TIMEOUT", "s3cr3t-looking-value")
     result = cli("status", "some-id")

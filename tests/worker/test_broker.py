@@ -12,15 +12,18 @@ import pytest
 from producer import keys
 from producer.bulk import TaskMessages
 from producer.schema import GenerationSettings, Job, utcnow
-from worker.broker import MalformedMessage, RedisQueue, parse_envelope
-from worker.messages import decode_task_message
+from worker.broker import RedisQueue
 
 
 @pytest.fixture()
 def queue(redis_url: str) -> RedisQueue:
     q = RedisQueue.from_url(redis_url, queue="vqa")
     yield q
-    q.close()
+    q.client.close()
+
+
+def _unacked(queue: RedisQueue) -> int:
+    return int(queue.client.hlen(keys.unacked_key("vqa")))
 
 
 def _raw(i: int) -> str:
@@ -40,7 +43,7 @@ def test_pop_takes_oldest_first_and_records_each_as_unacked(queue: RedisQueue) -
     client.lpush("vqa", *(_raw(i) for i in range(5)))  # as producers push
     taken = queue.pop(3)
     assert [json.loads(d.raw)["headers"]["id"] for d in taken] == ["job-0", "job-1", "job-2"]
-    assert client.llen("vqa") == 2 and queue.unacked() == 3
+    assert client.llen("vqa") == 2 and _unacked(queue) == 3
     assert set(client.hkeys(keys.unacked_key("vqa"))) == {d.tag.encode() for d in taken}
     assert client.zcard(keys.unacked_index_key("vqa")) == 3
     assert queue.pop(10)[-1] and queue.pop(10) == []
@@ -51,7 +54,7 @@ def test_ack_forgets_and_requeue_puts_back_at_the_head(queue: RedisQueue) -> Non
     first, second = queue.pop(2)
     queue.ack(first.tag)
     assert queue.requeue(second.tag) and not queue.requeue(second.tag)
-    assert queue.unacked() == 0
+    assert _unacked(queue) == 0
     [again] = queue.pop(1)
     assert again == second  # handed back to the head, same raw message, same tag
 
@@ -62,24 +65,17 @@ def test_messages_past_the_visibility_timeout_come_back(queue: RedisQueue) -> No
     assert queue.restore_expired(60) == 0
     time.sleep(1.1)
     assert queue.restore_expired(1) == 1
-    assert queue.unacked() == 0 and queue.pop(1) == [taken]
+    assert _unacked(queue) == 0 and queue.pop(1) == [taken]
 
 
-def test_envelope_from_a_producer_decodes_to_the_job(queue: RedisQueue) -> None:
-    queue.client.lpush("vqa", _raw(7))
-    [delivery] = queue.pop(1)
-    message = parse_envelope(delivery.tag, delivery.raw)
-    assert message.delivery_tag == delivery.tag and message.content_type == "application/json"
-    assert decode_task_message(message).job_id == "job-7"
-
-
-@pytest.mark.parametrize(
-    "raw",
-    [b"\x00\xff not json", b"[1, 2]", b"{}", json.dumps({"body": "", "properties": {}}).encode()],
-)
-def test_malformed_entries_are_refused_with_a_reason(raw: bytes) -> None:
-    with pytest.raises(MalformedMessage):
-        parse_envelope("tag", raw)
+def test_a_dead_letter_leaves_unacked_with_its_reason(queue: RedisQueue) -> None:
+    queue.client.lpush("vqa", b"not a message")
+    [taken] = queue.pop(1)
+    queue.dead_letter(taken.tag, taken.raw, reason="queue entry is not JSON")
+    assert _unacked(queue) == 0 and queue.client.zcard(keys.unacked_index_key("vqa")) == 0
+    [letter] = queue.dead_letters()
+    assert letter["reason"] == "queue entry is not JSON" and letter["raw"] == "not a message" and letter["tag"] == taken.tag
+    assert queue.restore_expired(0) == 0 and queue.pop(1) == []  # gone from the queue for good
 
 
 def test_the_unacked_set_survives_a_redis_restart(redis_server: object, queue: RedisQueue) -> None:
@@ -87,11 +83,11 @@ def test_the_unacked_set_survives_a_redis_restart(redis_server: object, queue: R
     queue.client.lpush("vqa", *(_raw(i) for i in range(4)))
     taken = queue.pop(2)
     redis_server.restart(kill=True)  # type: ignore[attr-defined]
-    assert queue.unacked() == 2 and queue.client.llen("vqa") == 2
+    assert _unacked(queue) == 2 and queue.client.llen("vqa") == 2
     taken += queue.pop(1)
     for delivery in taken:
         queue.ack(delivery.tag)  # acked after the restart, by tag
-    assert queue.unacked() == 0 and queue.client.llen("vqa") == 1
+    assert _unacked(queue) == 0 and queue.client.llen("vqa") == 1
 
 
 def _send_with_priority(redis_url: str, priorities: list[int]) -> list[str]:
@@ -120,7 +116,7 @@ def test_messages_sent_with_a_celery_priority_are_consumed_in_kombus_order(redis
     assert sorted(queue.client.keys("vqa*")) == sorted(k.encode() for k in keys.priority_queue_keys("vqa"))
     taken = queue.pop(10)
     assert [json.loads(d.raw)["headers"]["id"] for d in taken] == ["p0-1", "p2-4", "p4-2", "p5-5", "p7-3", "p9-0"]
-    assert queue.unacked() == 6 and queue.pop(10) == []
+    assert _unacked(queue) == 6 and queue.pop(10) == []
 
 
 def test_a_prioritised_message_goes_back_to_its_own_list(redis_url: str, queue: RedisQueue) -> None:

@@ -1,38 +1,45 @@
-"""The consumer batches only jobs whose fetch is done, keeps the model fed, and hands back unfinished fetches on shutdown."""
+"""The consumer batches only jobs whose fetch is done, keeps the model fed, hands back unfinished fetches on shutdown, and survives its own bugs."""
 
 from __future__ import annotations
 
 import gc
-import json
 import threading
 import time
 import weakref
 from typing import Any
 
-from producer import keys
+import pytest
+
+from producer.bulk import TaskMessages
 from producer.schema import Job
 from producer.settings import Settings
+from worker.broker import Delivery
 from worker.consumer import BatchingConsumer
-from worker.runner import BatchStats, Finishing, Outcome, Pending, Prepared
+from worker.jobs import Outcome, Pending, Prepared
+from worker.runner import BatchStats, Finishing
 
 
-class FakeMessage:
-    def __init__(self, job: Job) -> None:
-        self.headers = {"task": keys.TASK_NAME, "id": job.job_id}
-        self.body = json.dumps([[], {"job": job.model_dump(mode="json")}, {}])
-        self.content_type = "application/json"
-        self.delivery_tag = f"tag-{job.job_id}"
-
-    def reject(self) -> None:
-        raise AssertionError("valid messages are never rejected")
+def delivery(job: Job) -> Delivery:
+    """A job's message exactly as a producer puts it on the queue."""
+    raw = TaskMessages(queue="vqa", reply_to="r").encode(job).encode()
+    return Delivery(tag=f"tag-{job.job_id}", raw=raw)
 
 
 class FakeChannel:
-    """Where the consumer's ledger settles messages, by delivery tag (worker.broker.RedisQueue's part)."""
+    """The consumer's queue (worker.broker.RedisQueue's part): hands out the deliveries it is given, records settles by tag."""
 
-    def __init__(self) -> None:
+    def __init__(self, deliveries: list[Delivery] | None = None) -> None:
+        self.waiting = list(deliveries or [])
         self.acked: set[str] = set()
         self.requeued: set[str] = set()
+        self.dead: list[tuple[str, str]] = []
+
+    def pop(self, limit: int) -> list[Delivery]:
+        taken, self.waiting = self.waiting[:limit], self.waiting[limit:]
+        return taken
+
+    def restore_expired(self, visibility_timeout: float) -> int:
+        return 0
 
     def ack(self, tag: str) -> None:
         self.acked.add(tag)
@@ -40,6 +47,9 @@ class FakeChannel:
     def requeue(self, tag: str) -> bool:
         self.requeued.add(tag)
         return True
+
+    def dead_letter(self, tag: str, raw: bytes, *, reason: str) -> None:
+        self.dead.append((tag, reason))
 
 
 class FakeRunner:
@@ -84,14 +94,13 @@ def test_slow_fetch_does_not_hold_a_batch_and_is_handed_back_on_shutdown() -> No
 
     runner = FakeRunner()
     settings = Settings(max_batch_size=2, max_batch_delay_ms=0)
-    consumer = BatchingConsumer(settings=settings, runner=runner, prepare=prepare, stopping=threading.Event())  # type: ignore[arg-type]
     channel = FakeChannel()
-    consumer.ledger.attach(channel)
+    consumer = BatchingConsumer(settings=settings, runner=runner, prepare=prepare, stopping=threading.Event(), broker=channel)  # type: ignore[arg-type]
     consumer._model_thread.start()
     consumer._writer_thread.start()
-    messages = {name: FakeMessage(_job(name)) for name in ["slow.png", "a.png", "b.png", "c.png", "d.png"]}
+    messages = {name: delivery(_job(name)) for name in ["slow.png", "a.png", "b.png", "c.png", "d.png"]}
     for message in messages.values():
-        consumer._on_message(message)
+        consumer._on_delivery(message)
     _until(lambda: {"a.png", "b.png", "c.png", "d.png"} <= prepared)
 
     consumer._tick()
@@ -103,7 +112,7 @@ def test_slow_fetch_does_not_hold_a_batch_and_is_handed_back_on_shutdown() -> No
     consumer.stop()
     shutdown = threading.Thread(target=consumer._shutdown)
     shutdown.start()
-    tag = {name: message.delivery_tag for name, message in messages.items()}
+    tag = {name: message.tag for name, message in messages.items()}
     _until(lambda: tag["d.png"] in channel.requeued)  # hands back first, then waits for the running batch
     runner.release.set()
     shutdown.join(10)
@@ -130,17 +139,16 @@ def test_a_finished_job_frees_its_inputs_without_waiting_for_the_garbage_collect
 
     runner = FakeRunner()
     runner.release.set()
-    consumer = BatchingConsumer(settings=Settings(max_batch_size=2, max_batch_delay_ms=0), runner=runner,  # type: ignore[arg-type]
-                                prepare=prepare, stopping=threading.Event())
     channel = FakeChannel()
-    consumer.ledger.attach(channel)
+    consumer = BatchingConsumer(settings=Settings(max_batch_size=2, max_batch_delay_ms=0), runner=runner,  # type: ignore[arg-type]
+                                prepare=prepare, stopping=threading.Event(), broker=channel)
     consumer._model_thread.start()
     consumer._writer_thread.start()
-    messages = [FakeMessage(_job(f"{i}.png")) for i in range(6)]
+    messages = [delivery(_job(f"{i}.png")) for i in range(6)]
     gc.disable()
     try:
         for message in messages:
-            consumer._on_message(message)
+            consumer._on_delivery(message)
         _until(lambda: (consumer._tick(), len(channel.acked))[1] == len(messages))
         del message
         assert len(freed_check) == len(messages)
@@ -149,3 +157,84 @@ def test_a_finished_job_frees_its_inputs_without_waiting_for_the_garbage_collect
         gc.enable()
         consumer.stop()
         consumer._shutdown()
+
+
+def _running(consumer: BatchingConsumer) -> threading.Thread:
+    thread = threading.Thread(target=consumer.run, name="consumer")
+    thread.start()
+    return thread
+
+
+def test_an_unexpected_error_in_the_loop_is_logged_and_the_loop_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    runner = FakeRunner()
+    runner.release.set()
+    channel = FakeChannel([delivery(_job(f"{i}.png")) for i in range(4)])
+    consumer = BatchingConsumer(settings=Settings(max_batch_size=2, max_batch_delay_ms=0), runner=runner,  # type: ignore[arg-type]
+                                prepare=lambda job: Prepared(inputs=object(), cost=1), stopping=threading.Event(), broker=channel)
+    real_tick, failures = consumer._tick, [2]
+
+    def tick() -> None:
+        if failures[0]:
+            failures[0] -= 1
+            raise RuntimeError("a bug in the loop")
+        real_tick()
+
+    consumer._tick = tick  # type: ignore[method-assign]
+    thread = _running(consumer)
+    try:
+        _until(lambda: len(channel.acked) == 4)
+    finally:
+        consumer.stop()
+        thread.join(10)
+    assert "unexpected error in the consumer loop" in caplog.text and "RuntimeError: a bug in the loop" in caplog.text
+
+
+def test_a_loop_that_dies_still_hands_its_messages_back() -> None:
+    channel = FakeChannel([delivery(_job(f"{i}.png")) for i in range(3)])
+    gate = threading.Event()
+
+    def prepare(job: Job) -> Prepared:
+        gate.wait(10)  # the jobs are held, still fetching, when the loop dies
+        return Prepared(inputs=object(), cost=1)
+
+    consumer = BatchingConsumer(settings=Settings(max_batch_size=8, max_batch_delay_ms=0, shutdown_grace_s=1), runner=FakeRunner(),  # type: ignore[arg-type]
+                                prepare=prepare, stopping=threading.Event(), broker=channel)
+    real_receive = consumer._receive
+
+    def receive() -> int:
+        if len(consumer.ledger) == 3:
+            raise KeyboardInterrupt  # not an Exception: the loop ends
+        return real_receive()
+
+    consumer._receive = receive  # type: ignore[method-assign]
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            consumer.run()
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(10)
+    gate.set()
+    assert errors and isinstance(errors[0], KeyboardInterrupt)
+    assert channel.requeued == {f"tag-id-{i}.png" for i in range(3)}  # handed back, not left for the visibility timeout
+
+
+def test_a_rejected_entry_is_dead_lettered_and_its_neighbours_run() -> None:
+    runner = FakeRunner()
+    runner.release.set()
+    good = delivery(_job("ok.png"))
+    channel = FakeChannel([Delivery(tag="junk", raw=b"\x00 not a message"), good])
+    consumer = BatchingConsumer(settings=Settings(max_batch_size=1, max_batch_delay_ms=0), runner=runner,  # type: ignore[arg-type]
+                                prepare=lambda job: Prepared(inputs=object(), cost=1), stopping=threading.Event(), broker=channel)
+    thread = _running(consumer)
+    try:
+        _until(lambda: good.tag in channel.acked)
+    finally:
+        consumer.stop()
+        thread.join(10)
+    [(tag, reason)] = channel.dead
+    assert tag == "junk" and "not JSON" in reason

@@ -20,7 +20,9 @@ from producer.schema import ErrorInfo, GenerationSettings, Job, Record, utcnow
 from producer.settings import Settings
 from worker import events as events_module
 from worker.dev.services import RedisServer, WorkerProcess, free_port
-from worker.events import TaskEvents
+from producer.errors import UpstreamUnavailable
+from worker.events import CeleryEvents
+from worker.hooks import WorkerInfo
 from tests.support.images import SIZES
 
 TASK_TYPES = ("task-received", "task-started", "task-succeeded", "task-failed", "task-retried")
@@ -34,6 +36,17 @@ def _job(job_id: str) -> Job:
         model="m",
         generation=GenerationSettings(max_new_tokens=4),
         submitted_at=utcnow(),
+    )
+
+
+WORKER = WorkerInfo(name="w", queue="vqa")
+
+
+def _succeeded_record(job: Job, *, answer: str, infer_ms: float) -> Record:
+    return Record(
+        job_id=job.job_id, status="succeeded", image_url=job.image_url, question=job.question, answer=answer, model=job.model,
+        quantization="none", generation=job.generation, attempts=1, worker="w", batch_size=1,
+        submitted_at=job.submitted_at, started_at=None, finished_at=utcnow(), infer_ms=infer_ms,
     )
 
 
@@ -90,18 +103,18 @@ def test_sends_the_events_celery_worker_sends(redis_url: str) -> None:
     app = _app(redis_url)
     good, bad = _job("job-good"), _job("job-bad")
     with captured_events(app, redis_url) as seen:
-        events = TaskEvents(app, hostname="w-events", heartbeat_s=0.2)
-        events.start(active=lambda: 3)
+        events = CeleryEvents(app, hostname="w-events", heartbeat_s=0.2, active=lambda: 3)
+        events.on_worker_start(WORKER)
         # parent_id is not task-id-shaped: monitors get None rather than what a forged header says.
-        events.received(good, headers={"root_id": "root-1", "parent_id": "../../x y", "retries": 2})
-        events.received(bad)
-        events.started([good.job_id, bad.job_id])
-        events.retried(bad.job_id, reason="connection_failed: refused")
-        events.started([bad.job_id])
-        events.succeeded(good.job_id, runtime=0.25, result="a red box")
-        events.stored(_failed_record(bad, "model_error", "boom"))  # what BatchRunner calls: task-failed
+        events.on_received(good, {"root_id": "root-1", "parent_id": "../../x y", "retries": 2})
+        events.on_received(bad, {})
+        events.on_started([good, bad])
+        events.on_retried(bad, UpstreamUnavailable("refused", code="connection_failed"), 1.0)
+        events.on_started([bad])
+        events.on_stored(_succeeded_record(good, answer="a red box", infer_ms=250.0), job=good, created=True)
+        events.on_stored(_failed_record(bad, "model_error", "boom"), job=bad, created=True)
         _wait_for(lambda: len(_of_type(seen, "worker-heartbeat")) >= 2, "two heartbeats")
-        events.stop()
+        events.on_worker_stop()
         _wait_for(lambda: bool(_of_type(seen, "worker-offline")), "worker-offline")
 
     assert {event["hostname"] for event in seen} == {"w-events"}
@@ -145,19 +158,18 @@ def test_sends_the_events_celery_worker_sends(redis_url: str) -> None:
 @pytest.mark.timeout(30)
 def test_unreachable_broker_never_raises_and_warns_once(caplog: pytest.LogCaptureFixture) -> None:
     app = _app(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
-    events = TaskEvents(app, hostname="w-dead", heartbeat_s=0.05)
+    events = CeleryEvents(app, hostname="w-dead", heartbeat_s=0.05, active=lambda: 1)
     job = _job("job-1")
     begun = time.monotonic()
     with caplog.at_level(logging.INFO, logger="worker.events"):
-        events.start(active=lambda: 1)
+        events.on_worker_start(WORKER)
         for _ in range(3):
-            events.received(job)
-            events.started([job.job_id])
-            events.retried(job.job_id, reason="connection_failed: x")
-            events.succeeded(job.job_id, runtime=None, result=None)
-            events.failed(job.job_id, exception="x")
+            events.on_received(job, {})
+            events.on_started([job])
+            events.on_retried(job, UpstreamUnavailable("x"), 0.5)
+            events.on_stored(_failed_record(job, "timeout", "x"), job=job, created=True)
         time.sleep(0.2)  # a few heartbeats fail too
-        events.stop()
+        events.on_worker_stop()
     assert time.monotonic() - begun < 5, "a dead broker must not hold up the job path"
     warnings = [record for record in caplog.records if record.name == "worker.events" and record.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "cannot send Celery events" in warnings[0].getMessage()
@@ -169,31 +181,29 @@ def test_events_resume_after_a_redis_restart(
 ) -> None:
     monkeypatch.setattr(events_module, "_RETRY_AFTER_S", 0.2)
     app = _app(redis_url)
-    events = TaskEvents(app, hostname="w-restart")
-    events.started(["before"])  # connects
-    redis_server.stop(kill=True)
+    events = CeleryEvents(app, hostname="w-restart", heartbeat_s=60)
     with caplog.at_level(logging.INFO, logger="worker.events"):
-        events.started(["while-down"])  # fails on the open connection; logged
+        events.on_worker_start(WORKER)  # connects: worker-online
+        _wait_for(lambda: events._dispatcher is not None, "the first event to go out")
+        redis_server.stop(kill=True)
+        events.on_started([_job("while-down")])  # fails on the open connection; logged
+        _wait_for(lambda: events._failing, "the failure to be noticed")
         redis_server.start()
         time.sleep(0.3)
         with captured_events(app, redis_url) as seen:
-            _wait_for(lambda: bool(events.started(["after"]) or _of_type(seen, "task-started")), "an event after the restart")
+            _wait_for(lambda: bool(events.on_started([_job("after")]) or _of_type(seen, "task-started")), "an event after the restart")
+        events.on_worker_stop()
     assert "after" in {event["uuid"] for event in _of_type(seen, "task-started")}
     messages = [record.getMessage() for record in caplog.records if record.name == "worker.events"]
     assert any("cannot send" in message for message in messages) and "sending Celery events again" in messages
-    events.stop()
 
 
-def test_off_is_a_no_op() -> None:
-    events = TaskEvents.off()
-    assert not events.enabled
-    events.start(active=lambda: 1)
-    events.received(_job("job-1"))
-    events.started(["job-1"])
-    events.retried("job-1", reason="r")
-    events.succeeded("job-1", runtime=1.0, result="x")
-    events.failed("job-1", exception="x")
-    events.stop()
+def test_a_full_queue_drops_events_instead_of_blocking() -> None:
+    events = CeleryEvents(None, hostname="w", max_queued=2)  # never started: nothing drains the queue
+    started = time.monotonic()
+    for i in range(5):
+        events.on_started([_job(f"job-{i}")])
+    assert time.monotonic() - started < 0.5 and events.dropped == 3
 
 
 # --------------------------------------------------------------------------- a real worker

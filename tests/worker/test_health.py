@@ -16,7 +16,7 @@ from producer.client import VQAClient
 from worker.dev.services import WorkerProcess, free_port
 from worker.health import LOOP_STALE_S, Progress, check
 from worker.ledger import LedgerStats
-from worker.metrics import serve_metrics
+from worker.metrics import WorkerMetrics, serve_metrics
 from worker.runner import BatchStats
 from tests.support.images import SIZES
 
@@ -61,14 +61,15 @@ def test_the_endpoint_serves_healthz_beside_the_metrics() -> None:
         return state["healthy"], {"status": "ok" if state["healthy"] else "unhealthy"}
 
     port = free_port()
-    server = serve_metrics(port, worker="w1", batches=BatchStats(jobs_done=4), ledger=LedgerStats(), health=health)
+    metrics = WorkerMetrics(worker="w1", ledger=LedgerStats(acked=4))
+    server = serve_metrics(port, registry=metrics.registry, health=health)
     try:
         assert _get(f"http://127.0.0.1:{port}/healthz") == (200, b'{"status": "ok"}')
         state["healthy"] = False
         status, body = _get(f"http://127.0.0.1:{port}/healthz")
         assert status == 503 and json.loads(body) == {"status": "unhealthy"}
         status, body = _get(f"http://127.0.0.1:{port}/metrics")
-        assert status == 200 and b'vqa_jobs_total{status="succeeded",worker="w1"} 4.0' in body
+        assert status == 200 and b'vqa_messages_acked_total{worker="w1"} 4.0' in body
     finally:
         server.shutdown()
         server.server_close()

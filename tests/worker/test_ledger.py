@@ -28,9 +28,8 @@ class FakeQueue:
 
 
 def test_second_delivery_of_a_held_job_is_settled_with_the_first() -> None:
-    ledger = Ledger(visibility_timeout=60)
     channel = FakeQueue()
-    ledger.attach(channel)
+    ledger = Ledger(channel, visibility_timeout=60)
     assert ledger.hold("job", "t1")
     assert not ledger.hold("job", "t2")  # a duplicate publish: another tag
     assert not ledger.hold("job", "t1")  # the same message restored and delivered again
@@ -40,9 +39,8 @@ def test_second_delivery_of_a_held_job_is_settled_with_the_first() -> None:
 
 
 def test_settles_are_kept_while_redis_is_away_and_done_in_order_after() -> None:
-    ledger = Ledger(visibility_timeout=60)
     queue = FakeQueue(broken=True)
-    ledger.attach(queue)
+    ledger = Ledger(queue, visibility_timeout=60)
     ledger.hold("a", "ta")
     ledger.hold("b", "tb")
     ledger.settle("a", "ack")
@@ -55,8 +53,7 @@ def test_settles_are_kept_while_redis_is_away_and_done_in_order_after() -> None:
 
 
 def test_long_hold_warns_about_the_visibility_timeout(caplog: pytest.LogCaptureFixture) -> None:
-    ledger = Ledger(visibility_timeout=10)
-    ledger.attach(FakeQueue())
+    ledger = Ledger(FakeQueue(), visibility_timeout=10)
     ledger.hold("slow", "t")
     with caplog.at_level(logging.WARNING, logger="worker.ledger"):
         ledger.settle("slow", "ack", received_at=0.0)  # monotonic 0: held for ages

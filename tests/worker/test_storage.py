@@ -6,8 +6,10 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.stub import Stubber
 
 from producer import keys
+from producer.errors import CorruptRecord, StorageUnavailable
 from producer.schema import ErrorInfo, GenerationSettings, Record, utcnow
 from producer.settings import Settings
 from worker.storage import RecordStore, make_s3_client
@@ -50,7 +52,8 @@ def test_second_success_write_does_not_overwrite_the_first(store: tuple[RecordSt
     records, s3 = store
     first = records.write(record("j1", answer="first"))
     again = records.write(record("j1", answer="second"))
-    assert first.answer == again.answer == "first"
+    assert first.created and not again.created
+    assert first.record.answer == again.record.answer == "first"
     assert records.existing("j1").answer == "first"
     assert _versions(s3, bucket, keys.result_key("", "j1")) == 1  # refused by If-None-Match, not overwritten
 
@@ -59,13 +62,53 @@ def test_failure_after_a_success_is_dropped(store: tuple[RecordStore, Any], buck
     records, s3 = store
     records.write(record("j2"))
     winner = records.write(record("j2", failed=True))
-    assert winner.status == "succeeded"
+    assert winner.record.status == "succeeded" and not winner.created
     assert _versions(s3, bucket, keys.failed_key("", "j2")) == 0
 
 
 def test_success_after_a_failure_replaces_it(store: tuple[RecordStore, Any], bucket: str) -> None:
     records, s3 = store
-    assert records.write(record("j3", failed=True)).status == "failed"
-    assert records.write(record("j3")).status == "succeeded"
+    assert records.write(record("j3", failed=True)).record.status == "failed"
+    assert records.write(record("j3")).record.status == "succeeded"
     current = {item["Key"] for item in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}
     assert current == {keys.result_key("", "j3")}
+
+
+# --------------------------------------------------------------------------- what S3 can answer
+
+
+def _stubbed(settings: Settings) -> tuple[RecordStore, Stubber]:
+    """A real boto3 client whose answers are scripted: S3 behaviours moto does not have."""
+    client = make_s3_client(settings)
+    return RecordStore(settings, s3_client=client, app=None), Stubber(client)  # type: ignore[arg-type]
+
+
+def test_a_409_conflict_is_transient_never_stored_as_if_written() -> None:
+    """AWS answers 409 while a concurrent conditional write is still running: it may yet fail."""
+    records, stub = _stubbed(Settings(s3_bucket="b"))
+    stub.add_client_error("put_object", service_error_code="ConditionalRequestConflict", http_status_code=409)
+    with stub, pytest.raises(StorageUnavailable, match="concurrent conditional write"):
+        records.write(record("j409"))
+    stub.assert_no_pending_responses()
+
+
+def test_a_412_with_no_readable_winner_is_transient() -> None:
+    records, stub = _stubbed(Settings(s3_bucket="b"))
+    stub.add_client_error("put_object", service_error_code="PreconditionFailed", http_status_code=412)
+    stub.add_client_error("get_object", service_error_code="NoSuchKey", http_status_code=404)
+    with stub, pytest.raises(StorageUnavailable, match="no readable record"):
+        records.write(record("j412"))
+    stub.assert_no_pending_responses()
+
+
+def test_an_unreadable_success_object_is_a_permanent_error_and_is_kept(store: tuple[RecordStore, Any], bucket: str) -> None:
+    records, s3 = store
+    key = keys.result_key("", "j5")
+    s3.put_object(Bucket=bucket, Key=key, Body=b'{"job_id": "j5", "status": "succ')
+    with pytest.raises(CorruptRecord, match="results/j5.json exists but is not a readable record"):
+        records.existing("j5")
+    with pytest.raises(CorruptRecord):
+        records.write(record("j5"))  # a success cannot be written where the object stands
+    failed = records.write(record("j5", failed=True))  # ... but the failure saying why can
+    assert failed.created and failed.record.status == "failed"
+    assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == b'{"job_id": "j5", "status": "succ'

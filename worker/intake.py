@@ -1,19 +1,18 @@
-"""Untrusted messages from the queue: refuse, verify and validate before anything runs.
+"""Message intake: one untrusted queue entry in, one validated :class:`producer.schema.Job` out.
 
-Anyone who can write to the broker can put anything on the queue. A message becomes a
-:class:`producer.schema.Job` only after every check below; otherwise the worker logs the
-reason and drops it (:class:`producer.errors.InvalidJob`), never crashing and never
-holding up the jobs around it.
+Anyone who can write to the broker can put anything on the queue, so nothing of an entry is
+trusted. Every check lives here, in the order it runs, and every refusal is one
+:class:`producer.errors.MessageRejected` with the reason; the consumer then moves the entry to
+the dead-letter list (``vqa dead-letters`` shows it) and goes on with the jobs around it.
 
-    check_envelope(payload)     on the raw envelope, before the body is decoded: no compressed
-                                 bodies (kombu's Message would inflate them unbounded), no
-                                 oversized ones (worker/broker.py calls it)
-    decode_task_message(msg)     Celery task protocol 2 for ``vqa.answer`` only; JSON only
-                                 (pickle and every other content type are refused before a
-                                 byte is deserialised); with signing on, only messages signed
-                                 by a trusted certificate; then the shared pydantic Job model
-    SignatureVerifier            the ``auth`` serializer's signatures (Celery message signing),
-                                 checked against a store of trusted certificates
+    size          the raw entry against MAX_MESSAGE_BYTES, before it is parsed at all
+    envelope      kombu's Redis envelope: a JSON object with headers, properties, a delivery
+                  tag and a body string; compressed bodies are refused (kombu would inflate
+                  them unbounded)
+    task message  Celery task protocol 2 for ``vqa.answer`` only; JSON only (pickle and every
+                  other content type are refused before a byte is deserialised); with signing
+                  on, only messages signed by a trusted certificate (SignatureVerifier)
+    job           the shared pydantic Job model, whose id must be the message's task id
 """
 
 from __future__ import annotations
@@ -22,17 +21,19 @@ import base64
 import binascii
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import padding
 
 from producer import keys
-from producer.errors import InvalidJob
+from producer.errors import InvalidJob, MessageRejected
 from producer.schema import Job
 
-# A job is a few KiB (URL and question are capped); nothing legitimate comes near this.
-MAX_MESSAGE_BYTES = 256 * 1024
+# The one size limit, on the entry as it is taken off the queue (the body inside is base64,
+# 4 characters per 3 bytes). A job is a few KiB: URL and question are capped.
+MAX_MESSAGE_BYTES = 384 * 1024
 JSON_CONTENT_TYPE = "application/json"
 # What Celery's "auth" serializer (celery.security) labels signed messages.
 AUTH_CONTENT_TYPE = "application/data"
@@ -40,50 +41,93 @@ _AUTH_SEPARATOR = b"\x00\x01"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-class RefusedMessage(ValueError):
-    """The raw envelope is refused before its body is decoded: the message is dropped unread."""
+@dataclass(frozen=True)
+class QueueMessage:
+    """One queue entry read as a kombu envelope; the job in it is not validated yet."""
+
+    delivery_tag: str
+    headers: dict[str, Any]
+    body: bytes
+    content_type: str | None
+    content_encoding: str | None
+    properties: dict[str, Any]
+
+    @property
+    def task_id(self) -> str:
+        """The message's task id for a log line, whatever the headers hold."""
+        return printable(self.headers.get("id", "?"))
 
 
-def check_envelope(payload: dict[str, Any]) -> None:
-    """Refuse (RefusedMessage) an envelope whose body is compressed or over the size limit."""
-    headers = payload.get("headers")
-    task_id = _printable(headers.get("id")) if isinstance(headers, dict) else "?"
-    if isinstance(headers, dict) and headers.get("compression"):
-        raise RefusedMessage(f"message {task_id}: compressed bodies ({str(headers['compression'])[:40]!r}) are refused")
-    body = payload.get("body")
-    # The envelope holds the body base64-encoded: 4 characters per 3 bytes.
-    if isinstance(body, str | bytes) and len(body) > MAX_MESSAGE_BYTES * 4 // 3 + 4:
-        raise RefusedMessage(f"message {task_id}: body of {len(body):,} characters is over the {MAX_MESSAGE_BYTES:,}-byte limit")
+def read_message(tag: str, raw: bytes, *, verifier: SignatureVerifier | None = None) -> tuple[QueueMessage, Job]:
+    """Everything the worker checks before a queue entry becomes a job; raise MessageRejected otherwise."""
+    message = parse_envelope(tag, raw)
+    try:
+        return message, decode_task_message(message, verifier=verifier)
+    except InvalidJob as exc:
+        raise MessageRejected(f"message {message.task_id}: {exc.message}") from exc
 
 
-def decode_task_message(message: Any, *, verifier: SignatureVerifier | None = None) -> Job:
+def parse_envelope(tag: str, raw: bytes) -> QueueMessage:
+    """Read a kombu Redis envelope; raise MessageRejected (oversized, not an envelope, compressed) otherwise."""
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise MessageRejected(f"queue entry of {len(raw):,} bytes is over the {MAX_MESSAGE_BYTES:,}-byte limit")
+    try:
+        payload = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise MessageRejected(f"queue entry is not JSON ({type(exc).__name__})") from exc
+    if not isinstance(payload, dict):
+        raise MessageRejected(f"envelope is a {type(payload).__name__}, not an object")
+    headers, properties, body = payload.get("headers"), payload.get("properties"), payload.get("body")
+    if not isinstance(headers, dict) or not isinstance(properties, dict):
+        raise MessageRejected("envelope has no headers or properties object")
+    if not isinstance(properties.get("delivery_tag"), str) or not isinstance(properties.get("delivery_info"), dict):
+        raise MessageRejected("envelope has no delivery tag or delivery info")
+    if not isinstance(body, str):
+        raise MessageRejected("envelope has no body string")
+    if headers.get("compression"):
+        raise MessageRejected(
+            f"message {printable(headers.get('id', '?'))}: compressed bodies ({str(headers['compression'])[:40]!r}) are refused"
+        )
+    if properties.get("body_encoding") == "base64":
+        try:
+            data = base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise MessageRejected("body is not valid base64") from exc
+    else:
+        data = body.encode()
+    return QueueMessage(
+        delivery_tag=tag,
+        headers=headers,
+        body=data,
+        content_type=payload.get("content-type"),
+        content_encoding=payload.get("content-encoding"),
+        properties=properties,
+    )
+
+
+def decode_task_message(message: QueueMessage, *, verifier: SignatureVerifier | None = None) -> Job:
     """Validate a Celery protocol-2 message for our task and return its job; raise InvalidJob otherwise.
 
-    Nothing of the message is trusted: headers, content type, size and body are checked in
-    that order, and the body is deserialised only as JSON (after its signature is verified,
-    when ``verifier`` is given).
+    Headers, content type and body are checked in that order, and the body is deserialised
+    only as JSON (after its signature is verified, when ``verifier`` is given).
     """
     headers = message.headers
-    if not isinstance(headers, dict):
-        raise InvalidJob("message has no Celery headers")
     task = headers.get("task")
     if task != keys.TASK_NAME:
         raise InvalidJob(f"not a {keys.TASK_NAME} message (task={str(task)[:80]!r})")
-    body = message.body
-    if isinstance(body, str | bytes) and len(body) > MAX_MESSAGE_BYTES:
-        raise InvalidJob(f"message body is {len(body):,} bytes; the limit is {MAX_MESSAGE_BYTES:,}")
     content_type = message.content_type
+    body: Any
     if verifier is not None:
         if content_type != AUTH_CONTENT_TYPE:
             raise InvalidJob(f"unsigned message (content type {str(content_type)[:80]!r}); this worker requires signed messages")
-        body = verifier.verify(body)
+        body = verifier.verify(message.body)
     else:
         # kombu's own accept list lets "application/data" and "application/text" through
         # whatever it is told, so the content type is checked here, by name.
         if content_type != JSON_CONTENT_TYPE:
             raise InvalidJob(f"content type {str(content_type)[:80]!r} refused; only {JSON_CONTENT_TYPE} is accepted")
         try:
-            body = _json(body)
+            body = _json(message.body)
         except ValueError as exc:
             raise InvalidJob(f"cannot decode the message body: {type(exc).__name__}") from exc
     if not (isinstance(body, list | tuple) and len(body) == 3 and isinstance(body[1], dict)):
@@ -106,13 +150,7 @@ def _json(body: Any) -> Any:
         raise ValueError("nested too deeply") from exc
 
 
-def message_id(message: Any) -> str:
-    """The message's task id for a log line, whatever the headers hold."""
-    headers = getattr(message, "headers", None)
-    return _printable(headers.get("id", "?")) if isinstance(headers, dict) else "?"
-
-
-def _printable(value: object, limit: int = 64) -> str:
+def printable(value: object, limit: int = 64) -> str:
     """At most ``limit`` characters with no control characters: ids go into log lines as they are."""
     return _CONTROL.sub("?", str(value)[:limit])
 

@@ -1,0 +1,57 @@
+"""The engine contract: what the worker needs from a model, and nothing more.
+
+The consumer and the runner only ever talk to an :class:`Engine`. The Hugging Face
+LLaVA-NeXT implementation is :class:`worker.model.VQAModel`; another engine (vLLM on GPU
+hosts, a shared-prefix engine) implements the same four things:
+
+    prepare(image, question)    one job's model inputs, built on a fetch thread (thread-safe)
+    cost(inputs)                what the job costs a batch: its prompt length in tokens,
+                                image tokens included (padding-aware batching groups by it)
+    generate_batch(inputs, gen) one batched call; one :class:`Answer` per input, in order
+    name, quantization          what records say produced the answer
+
+Errors: ``generate_batch`` raises :class:`producer.errors.OutOfMemory` when a batch does not
+fit (the runner splits it) and anything else for a batch that breaks the model (the runner
+splits it until the culprit stands alone).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from producer.schema import GenerationSettings
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One job's answer and what it cost the model."""
+
+    text: str
+    prompt_tokens: int  # image tokens included
+    image_tokens: int
+    generated_tokens: int  # the end-of-sequence token included when the model emitted one
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A loaded model the worker can batch jobs into."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def quantization(self) -> str: ...
+
+    def prepare(self, image: Any, question: str) -> Any:
+        """One job's inputs (an image and its question), ready to batch; called on fetch threads."""
+        ...
+
+    def cost(self, inputs: Any) -> int:
+        """Prompt tokens of prepared inputs, image tokens included."""
+        ...
+
+    def generate_batch(self, inputs: Sequence[Any], generation: GenerationSettings) -> list[Answer]:
+        """Answer prepared jobs in one batched call; one Answer per input, in input order."""
+        ...

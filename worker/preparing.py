@@ -1,0 +1,69 @@
+"""The fetch stage: one received job in, one :class:`worker.jobs.Prepared` out, on the fetch pool.
+
+For each job, off the consumer and model threads:
+
+1. Is there a success record already (a redelivery, a duplicate)? Then nothing runs.
+2. How often did it reach a model before without coming back (worker/counters.py)?
+3. Fetch and decode the image under the SSRF guard and the caps (worker/fetch/).
+4. Preprocess it for the engine (tiles, prompt tokens), so the model thread only pads and runs.
+
+Any failure is kept on the result (``Prepared.error``) for the runner to retry or record; the
+preparer itself never raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from producer.errors import CorruptRecord, PermanentError, StorageUnavailable, VQAError
+from producer.schema import Job
+from worker.counters import JobCounters
+from worker.engine import Engine
+from worker.fetch.images import FetchPolicy, fetch_image
+from worker.jobs import Prepared
+from worker.storage import RecordStore
+
+log = logging.getLogger(__name__)
+
+
+class JobPreparer:
+    """Callable run on the fetch pool: ``preparer(job) -> Prepared``."""
+
+    def __init__(self, *, engine: Engine, store: RecordStore, counters: JobCounters, policy: FetchPolicy, s3_client: Any) -> None:
+        self.engine = engine
+        self.store = store
+        self.counters = counters
+        self.policy = policy
+        self.s3_client = s3_client
+
+    def __call__(self, job: Job) -> Prepared:
+        try:
+            return self._prepare(job)
+        except VQAError as exc:
+            return Prepared(error=exc)
+        except Exception as exc:  # noqa: BLE001 - one bad image must not escape into the loop
+            log.exception("unexpected error preparing job %s", job.job_id)
+            return Prepared(error=PermanentError(f"could not prepare the job: {type(exc).__name__}", code="internal_error"))
+
+    def _prepare(self, job: Job) -> Prepared:
+        try:
+            existing = self.store.existing(job.job_id)
+        except StorageUnavailable as exc:
+            # The lookup is a shortcut: an S3 outage must not use up the job's attempts. The
+            # conditional create still keeps the first record; storing waits for S3 to return.
+            log.warning("job %s: cannot check for an existing record (%s); running it", job.job_id, exc)
+            existing = None
+        except CorruptRecord as exc:
+            # Running it again could not store an answer there: fail it, saying why (the object is kept).
+            log.error("job %s: %s", job.job_id, exc)
+            return Prepared(error=exc)
+        if existing is not None:
+            return Prepared(existing=existing)
+        earlier = self.counters.earlier_deliveries(job.job_id)
+        start = time.perf_counter()
+        image = fetch_image(job.image_url, self.policy, s3_client=self.s3_client)
+        fetch_ms = (time.perf_counter() - start) * 1000
+        inputs = self.engine.prepare(image, job.question)
+        return Prepared(inputs=inputs, cost=self.engine.cost(inputs), fetch_ms=fetch_ms, earlier_deliveries=earlier)
