@@ -50,7 +50,7 @@ class TaskMessages:
             "id": job.job_id,
             "shadow": None,
             "eta": None,
-            "expires": None,
+            "expires": None if job.deadline is None else job.deadline.isoformat(),
             "group": None,
             "group_index": None,
             "retries": 0,

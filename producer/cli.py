@@ -55,6 +55,9 @@ def submit(
     question: Annotated[str, typer.Option("--question", help="The question about the image.")],
     idempotency_key: Annotated[str | None, typer.Option("--idempotency-key", help="Same key, same job id: submitted once.")] = None,
     max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Answer length cap (default VQA_MAX_NEW_TOKENS).")] = None,
+    deadline: Annotated[str | None, typer.Option("--deadline", help="ISO 8601 time with a zone; not started by then, the job ends as expired.")] = None,
+    expires_in: Annotated[str | None, typer.Option("--expires-in", help="Like --deadline, from now: 90s, 15m, 24h, 7d.")] = None,
+    webhook: Annotated[str | None, typer.Option("--webhook", help="URL called (signed) once the job's record is stored.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait and print the result record; exit 1 if the job failed.")] = False,
     timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds to wait with --wait.")] = None,
 ) -> None:
@@ -62,7 +65,15 @@ def submit(
     settings = _settings()
     client = _client(settings)
     try:
-        job_id = client.submit(image, question, idempotency_key=idempotency_key, max_new_tokens=max_new_tokens)
+        job_id = client.submit(
+            image,
+            question,
+            idempotency_key=idempotency_key,
+            max_new_tokens=max_new_tokens,
+            deadline=deadline,
+            expires_in=expires_in,
+            webhook_url=webhook,
+        )
         if not wait:
             typer.echo(job_id)
             return
@@ -116,8 +127,22 @@ def submit_many(
 
 
 @app.command()
+def cancel(job_ids: Annotated[list[str], typer.Argument(help="Job ids printed by submit.")]) -> None:
+    """Cancel jobs: one that has not reached a model ends as a cancelled record (state REVOKED); one in the model finishes."""
+    client = _client(_settings())
+    try:
+        client.cancel(job_ids)
+    except VQAError as exc:
+        _fail(str(exc))
+    finally:
+        client.close()
+    for job_id in job_ids:
+        typer.echo(f"{job_id} cancelled")
+
+
+@app.command()
 def status(job_id: Annotated[str, typer.Argument(help="The job id printed by submit.")]) -> None:
-    """Print the job's Celery state: PENDING, STARTED, SUCCESS or FAILURE."""
+    """Print the job's Celery state: PENDING, STARTED, SUCCESS, FAILURE or REVOKED (cancelled or expired)."""
     client = _client(_settings())
     try:
         typer.echo(client.status(job_id))

@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
 import boto3
@@ -17,7 +18,7 @@ from kombu.exceptions import OperationalError
 from producer import bulk, keys
 from producer.celery_app import make_celery
 from producer.errors import BackendUnavailable, CorruptRecord, InvalidJob, JobFailed, StorageUnavailable
-from producer.schema import GenerationSettings, Job, Record, derive_job_id, parse_record, utcnow
+from producer.schema import GenerationSettings, Job, Record, derive_job_id, parse_duration, parse_record, parse_time, utcnow
 from producer.settings import Settings
 
 # A queued-but-unfinished job is not enqueued again for this long.
@@ -57,19 +58,42 @@ class VQAClient:
         idempotency_key: str | None = None,
         max_new_tokens: int | None = None,
         generation: GenerationSettings | Mapping[str, Any] | None = None,
+        deadline: datetime | str | None = None,
+        expires_in: float | timedelta | str | None = None,
+        webhook_url: str | None = None,
+        bulk_id: str | None = None,
+        custom_id: str | None = None,
     ) -> Job:
-        """Validate one job with the shared model; raise :class:`InvalidJob` before anything is sent."""
+        """Validate one job with the shared model; raise :class:`InvalidJob` before anything is sent.
+
+        ``deadline`` (an aware datetime) or ``expires_in`` (seconds or a timedelta from now): a
+        job not started by then ends as an ``expired`` record without running; with both, the
+        earlier counts. ``webhook_url`` is called once its record is stored (``vqa webhooks``).
+        """
         try:
             gen = _generation(generation, max_new_tokens, self.settings.max_new_tokens)
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             raise InvalidJob(f"generation: {exc}") from exc
+        now = utcnow()
+        try:
+            if deadline is not None:
+                deadline = parse_time(deadline)
+            if expires_in is not None:
+                expiry = now + (expires_in if isinstance(expires_in, timedelta) else parse_duration(expires_in))
+                deadline = expiry if deadline is None or expiry < deadline else deadline
+        except (ValueError, TypeError) as exc:
+            raise InvalidJob(f"deadline: {exc}") from exc
         payload = {
             "image_url": image_url,
             "question": question,
             "model": self.settings.model,
             "generation": gen,
             "idempotency_key": idempotency_key,
-            "submitted_at": utcnow(),
+            "submitted_at": now,
+            "deadline": deadline,
+            "webhook_url": webhook_url,
+            "bulk_id": bulk_id,
+            "custom_id": custom_id,
             "job_id": "pending",
         }
         job = Job.decode(payload)  # validates URL, question, lengths
@@ -149,6 +173,7 @@ class VQAClient:
             if time.monotonic() >= deadline:
                 mine, contested = mine + contested, []  # still contested after a claim's lifetime: publish anyway
             if mine:
+                self._forget_earlier_outcome(mine)
                 self._publish(mine)
                 self._mark_queued(mine)
             if contested:
@@ -168,6 +193,21 @@ class VQAClient:
             elif value is not None and value.startswith(_PUBLISHING):
                 contested.append(job)
         return mine, contested
+
+    def _forget_earlier_outcome(self, jobs: list[Job]) -> None:
+        """Submitting a job again (it failed, or was cancelled) means "run it now".
+
+        Its old cancel must not stop the new message, and its old failed state must not answer
+        ``wait`` for the new run. Only jobs without a success that are claimed here get this
+        far, so a job still queued (and perhaps cancelled) is never touched by a duplicate
+        submission. The failed record in S3 stays until the new run's record replaces it.
+        """
+        backend = self.app.backend
+        try:
+            self._redis.delete(*(keys.revoked_key(job.job_id) for job in jobs))
+            backend.client.delete(*(backend.get_key_for_task(job.job_id) for job in jobs))
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"cannot reach Redis to submit jobs: {type(exc).__name__}") from exc
 
     def _mark_queued(self, jobs: list[Job]) -> None:
         ttl = max(_SUBMITTED_TTL_FLOOR_S, 2 * self.settings.visibility_timeout)
@@ -233,15 +273,38 @@ class VQAClient:
                         task_id=job.job_id,
                         queue=self.settings.queue,
                         producer=producer,
+                        expires=job.deadline,
                     )
         except OperationalError as exc:
             self._release_claims(jobs)
             raise BackendUnavailable(f"cannot publish to the broker: {exc}") from exc
 
+    # -- cancelling -------------------------------------------------------------------------
+
+    def cancel(self, job_ids: str | Iterable[str]) -> None:
+        """Cancel jobs: each one that has not reached a model yet ends as a ``cancelled`` record (state REVOKED).
+
+        Wherever the job is (queued, buffered in a worker, waiting for a retry), every worker
+        drops it before the model; one already in the model finishes, and a finished job keeps
+        its record. The cancel is kept in Redis for ``VQA_REVOKE_TTL_S``, so it holds while no
+        worker runs and reaches workers started later (worker/cancels.py).
+        """
+        ids = [job_ids] if isinstance(job_ids, str) else list(job_ids)
+        if not ids:
+            return
+        marker = json.dumps({"at": utcnow().isoformat(timespec="seconds"), "by": "VQAClient.cancel"})
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.set(keys.revoked_key(job_id), marker, ex=self.settings.revoke_ttl_s)
+            pipe.execute()
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"cannot reach Redis to cancel jobs: {type(exc).__name__}") from exc
+
     # -- reading ----------------------------------------------------------------------------
 
     def status(self, job_id: str) -> str:
-        """Celery state: PENDING (unknown or queued), STARTED, SUCCESS or FAILURE."""
+        """Celery state: PENDING (unknown or queued), STARTED, SUCCESS, FAILURE, or REVOKED (cancelled or expired)."""
         try:
             return str(self.app.AsyncResult(job_id).state)
         except redis.RedisError as exc:
@@ -276,7 +339,7 @@ class VQAClient:
         value = meta.get("result")
         if meta.get("status") == "SUCCESS" and isinstance(value, dict):
             return Record.model_validate(value)
-        if meta.get("status") == "FAILURE" and isinstance(value, JobFailed):
+        if meta.get("status") in ("FAILURE", "REVOKED") and isinstance(value, JobFailed):
             return Record.model_validate(value.record)
         return None
 
@@ -334,7 +397,7 @@ def _generation(
 def _request_kwargs(request: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(request, Mapping):
         raise InvalidJob("each request must be an object with image_url and question")
-    allowed = {"image_url", "question", "idempotency_key", "max_new_tokens", "generation"}
+    allowed = {"image_url", "question", "idempotency_key", "max_new_tokens", "generation", "deadline", "expires_in", "webhook_url"}
     unknown = set(request) - allowed
     if unknown:
         raise InvalidJob(f"unknown fields: {', '.join(sorted(unknown))}")

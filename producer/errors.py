@@ -15,6 +15,8 @@
     │   │                         unknown_host, tls_error, too_many_redirects)
     │   ├── ModelLoadError        the checkpoint cannot be loaded   (model_load)
     │   ├── PoisonJob             delivered too often without finishing (poison)
+    │   ├── JobCancelled          cancelled before it reached the model (cancelled)
+    │   ├── JobExpired            its deadline passed before it reached the model (expired)
     │   ├── MessageRejected       a queue entry that is no valid job message (message_rejected);
     │   │                         it goes to the dead-letter list, never to the model
     │   └── CorruptRecord         a stored record that does not parse as a Record (corrupt_record)
@@ -98,6 +100,22 @@ class ModelLoadError(PermanentError):
 
 class PoisonJob(PermanentError):
     code = "poison"
+
+
+class JobCancelled(PermanentError):
+    """Cancelled (``vqa cancel``, ``VQAClient.cancel``, a Celery revoke) before it reached the model."""
+
+    code = "cancelled"
+
+
+class JobExpired(PermanentError):
+    """Its deadline (or its message's Celery ``expires``) passed before it reached the model."""
+
+    code = "expired"
+
+
+# Jobs stopped before they ran: the result backend marks them REVOKED, as Celery does.
+STOPPED_CODES = frozenset({JobCancelled.code, JobExpired.code})
 
 
 class MessageRejected(PermanentError):

@@ -18,6 +18,11 @@ def submitted_key(job_id: str) -> str:
     return f"vqa:submitted:{job_id}"
 
 
+def revoked_key(job_id: str) -> str:
+    """Set (with a TTL) when a job is cancelled; every worker drops the job before it reaches the model."""
+    return f"vqa:revoked:{job_id}"
+
+
 def deliveries_key(job_id: str) -> str:
     """Counts deliveries that reached the model and never came back from it; past the limit the job is poison.
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -18,7 +19,12 @@ MAX_QUESTION_LENGTH = 2000
 MAX_IDEMPOTENCY_KEY_LENGTH = 256
 MAX_NEW_TOKENS_LIMIT = 1024
 ALLOWED_SCHEMES = ("http", "https", "s3")
+WEBHOOK_SCHEMES = ("http", "https")
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
+# Bulk run ids become part of S3 keys ({prefix}bulk/{bulk_id}/...) and Redis keys.
+BULK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+MAX_BULK_ID_LENGTH = 128
+MAX_CUSTOM_ID_LENGTH = 1024  # an S3 key is at most 1024 bytes, and a prefix source uses keys as ids
 
 # Fixed namespace so the same job gets the same id on every producer, forever.
 _JOB_NAMESPACE = uuid.UUID("3f1c2a52-8d3b-4c36-9a51-5b8c1e0d7a11")
@@ -60,11 +66,31 @@ class Job(BaseModel):
     generation: GenerationSettings
     idempotency_key: str | None = Field(default=None, max_length=MAX_IDEMPOTENCY_KEY_LENGTH)
     submitted_at: datetime
+    # Not started by then: the job ends as an "expired" record without running (the Celery
+    # ``expires`` header of its message, when earlier, counts too).
+    deadline: datetime | None = None
+    # Set when the job belongs to a bulk run (its id) and names its manifest line (custom_id).
+    bulk_id: str | None = Field(default=None, min_length=1, max_length=MAX_BULK_ID_LENGTH, pattern=BULK_ID_PATTERN)
+    custom_id: str | None = Field(default=None, min_length=1, max_length=MAX_CUSTOM_ID_LENGTH)
+    # Called (signed, by `vqa webhooks`, never by the GPU worker) once the job's record is stored.
+    webhook_url: str | None = Field(default=None, max_length=MAX_URL_LENGTH)
 
     @field_validator("image_url")
     @classmethod
     def _scheme(cls, value: str) -> str:
         return check_url_shape(value)
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_scheme(cls, value: str | None) -> str | None:
+        return None if value is None else check_url_shape(value, schemes=WEBHOOK_SCHEMES, what="webhook URL")
+
+    @field_validator("submitted_at", "deadline")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("must carry a time zone (UTC, e.g. 2026-12-01T12:00:00Z)")
+        return value
 
     @field_validator("question")
     @classmethod
@@ -91,6 +117,17 @@ class ErrorInfo(BaseModel):
     retryable: bool
 
 
+class Usage(BaseModel):
+    """What a job cost the model, as batch APIs report it: enough to price a run from its first thousand jobs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt_tokens: int = Field(ge=0)  # image tokens included
+    image_tokens: int = Field(ge=0)
+    generated_tokens: int = Field(ge=0)
+    model_ms: float = Field(ge=0)  # this job's share of its batch's generate time
+
+
 class Record(BaseModel):
     """The outcome of one job, written to S3 and to the Celery result backend."""
 
@@ -115,6 +152,35 @@ class Record(BaseModel):
     fetch_ms: float | None = None
     infer_ms: float | None = None
     error: ErrorInfo | None = None
+    usage: Usage | None = None  # None when the model did not run for it
+    bulk_id: str | None = None
+    custom_id: str | None = None
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str | float | int) -> timedelta:
+    """``90``, ``"90s"``, ``"15m"``, ``"24h"``, ``"7d"`` -> a positive timedelta; ValueError otherwise."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        match = _DURATION.match(str(text))
+        if match is None:
+            raise ValueError(f"{text!r} is not a duration (e.g. 90s, 15m, 24h, 7d)")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError("a duration must be positive")
+    return timedelta(seconds=seconds)
+
+
+def parse_time(text: str | datetime) -> datetime:
+    """An ISO 8601 time with a time zone (``2026-12-01T12:00:00Z``); ValueError otherwise."""
+    when = text if isinstance(text, datetime) else datetime.fromisoformat(str(text))
+    if when.tzinfo is None:
+        raise ValueError(f"{text!s} has no time zone; add Z or an offset")
+    return when
 
 
 def parse_record(body: bytes, *, key: str) -> Record:
@@ -130,19 +196,19 @@ def parse_record(body: bytes, *, key: str) -> Record:
         ) from exc
 
 
-def check_url_shape(value: str) -> str:
-    """Cheap checks that need no network: length, scheme, a host. The worker re-checks everything."""
+def check_url_shape(value: str, *, schemes: tuple[str, ...] = ALLOWED_SCHEMES, what: str = "image URL") -> str:
+    """Cheap checks that need no network: length, scheme, a host. The worker (or the webhook sender) re-checks everything."""
     if len(value) > MAX_URL_LENGTH:
-        raise ValueError(f"image URL longer than {MAX_URL_LENGTH} characters")
+        raise ValueError(f"{what} longer than {MAX_URL_LENGTH} characters")
     parts = urlsplit(value)
-    if parts.scheme.lower() not in ALLOWED_SCHEMES:
-        raise ValueError(f"image URL scheme must be one of {', '.join(ALLOWED_SCHEMES)}, got {parts.scheme!r}")
+    if parts.scheme.lower() not in schemes:
+        raise ValueError(f"{what} scheme must be one of {', '.join(schemes)}, got {parts.scheme!r}")
     if not parts.netloc:
-        raise ValueError("image URL has no host")
+        raise ValueError(f"{what} has no host")
     if "@" in parts.netloc:
         # The fetcher never sends them, and the URL is stored in the record and the result
         # backend, where anyone who may read answers would read the password too.
-        raise ValueError("image URL must not carry a user name or password (user:password@host); use a presigned URL or s3://")
+        raise ValueError(f"{what} must not carry a user name or password (user:password@host); use a presigned URL or s3://")
     return value
 
 

@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     # Retries
     max_attempts: int = Field(default=3, ge=1)
     max_deliveries: int = Field(default=3, ge=1)
+    # How long a cancel is remembered (worker/cancels.py): longer than a job may wait in the queue.
+    revoke_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
 
     # Input safety: explicit exceptions to the private-network block (host, host:port or CIDR).
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)

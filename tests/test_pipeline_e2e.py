@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import boto3
@@ -13,6 +14,7 @@ from PIL import Image
 
 from producer import keys
 from producer.client import VQAClient
+from producer.errors import JobFailed
 from producer.schema import GenerationSettings
 from producer.settings import Settings
 from worker.dev.services import WorkerProcess, free_port
@@ -177,3 +179,40 @@ def test_an_unreadable_stored_record_fails_its_job_alone_and_is_kept(
     assert broker.hlen(keys.unacked_key("vqa")) == 0 and broker.llen("vqa") == 0
     broker.close()
     assert "Traceback" not in worker.log
+
+
+def test_cancelled_and_expired_jobs_end_without_running_and_a_resubmission_runs(
+    stack_env: dict[str, str],
+    image_base_url: str,
+    client_for: Callable[[dict[str, str]], VQAClient],
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    """Cancelled while queued (no worker running yet), expired by its own deadline and by Celery's expires header."""
+    client = client_for(stack_env)
+    url = f"{image_base_url}/wide.jpg"
+    normal = client.submit(url, "What is shown?")
+    cancelled = client.submit(url, "Cancel me?")
+    expired = client.submit(url, "Too late?", expires_in=0.01)
+    job = client.build_job(url, "Expired by Celery?")
+    celery_expired = client.app.send_task(
+        keys.TASK_NAME, kwargs={"job": job.model_dump(mode="json")}, task_id=job.job_id, queue="vqa",
+        expires=datetime.now(UTC) - timedelta(minutes=1),
+    ).id
+    client.cancel(cancelled)  # nothing runs: the cancel is kept in Redis for the workers to come
+
+    start_worker(stack_env)
+    records = {job_id: client.wait(job_id, timeout=90) for job_id in (normal, cancelled, expired, celery_expired)}
+    assert records[normal].status == "succeeded" and records[normal].usage is not None
+    assert records[normal].usage.image_tokens > 0 and records[normal].usage.prompt_tokens > records[normal].usage.image_tokens
+    for job_id, code in ((cancelled, "cancelled"), (expired, "expired"), (celery_expired, "expired")):
+        record = records[job_id]
+        assert record.status == "failed" and record.error is not None and record.error.code == code, (code, record.error)
+        assert record.executions == 0 and record.usage is None and record.answer is None
+        assert client.status(job_id) == "REVOKED"
+        assert _s3_json(stack_env, keys.failed_key("", job_id))["error"]["code"] == code
+    with pytest.raises(JobFailed):  # Celery's own client: a revoked task raises its failure
+        client.app.AsyncResult(cancelled).get(timeout=5)
+
+    again = client.submit(url, "Cancel me?")  # asked again after the cancel: it runs
+    assert again == cancelled
+    assert client.wait(again, timeout=60).status == "succeeded"

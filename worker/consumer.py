@@ -49,6 +49,7 @@ from producer.settings import Settings
 from worker import visibility
 from worker.batching import RUNNING_AND_QUEUED, MicroBatcher, prefetch_batches
 from worker.broker import Delivery, RedisQueue
+from worker.cancels import CancelCheck
 from worker.health import Progress
 from worker.hooks import Hooks
 from worker.intake import SignatureVerifier, read_message
@@ -79,6 +80,7 @@ class BatchingConsumer:
         runner: BatchRunner,
         prepare: Callable[[Job], Prepared],
         stopping: threading.Event,
+        cancels: CancelCheck,
         hooks: Hooks | None = None,
         broker: RedisQueue | None = None,
     ) -> None:
@@ -105,6 +107,7 @@ class BatchingConsumer:
         self._ready: queue.SimpleQueue[Pending] = queue.SimpleQueue()  # fetched, not yet batched
         self._delayed: list[Pending] = []  # transient failures waiting for their retry time
         self.broker = broker or RedisQueue.from_url(settings.broker_url, queue=settings.queue)
+        self.cancels = cancels
         # Every unacked message, by job id; acks and hand-backs go through it (see worker/ledger.py).
         self.ledger = Ledger(self.broker, visibility_timeout=settings.visibility_timeout)
         self._loop_errors = 0  # unexpected errors in a row in the consumer loop
@@ -243,9 +246,23 @@ class BatchingConsumer:
             batch = self.batcher.take(complete_only=model_busy)
             if not batch:
                 return
+            self._stop_cancelled(batch)
             self._in_flight += 1
             self._handed += 1
             self._batches.put(batch)
+
+    def _stop_cancelled(self, batch: list[Pending]) -> None:
+        """The last look before the model: a job cancelled (or expired) while it waited in the batcher does not run.
+
+        It stays in the batch with the reason as its error, so the runner writes its record.
+        """
+        waiting = [pending.job for pending in batch if pending.prepared is not None and pending.prepared.inputs is not None]
+        reasons = self.cancels.reasons(waiting) if waiting else {}
+        for pending in batch:
+            error = reasons.get(pending.job.job_id)
+            if error is not None:
+                fetched = pending.prepared
+                pending.prepared = Prepared(error=error, fetch_ms=fetched.fetch_ms if fetched is not None else None)
 
     def _worth_queueing(self) -> bool:
         """Padding-aware: choose the next batch from two batches' worth of ready jobs, not from whatever is ready first."""

@@ -12,6 +12,7 @@ worker sends:
     task-succeeded   uuid, result (a short repr of the answer), runtime (seconds in the model, or None)
     task-failed      uuid, exception ("code: message"), traceback (None)
     task-retried     uuid, exception (the transient error), traceback (None)
+    task-revoked     uuid, terminated (False), signum (None), expired: a cancelled or expired job
 
 Events are best effort, as in Celery: one that cannot be sent is dropped and never raises into
 the job path. While the broker is away, events are dropped for a few seconds at a time instead
@@ -32,7 +33,7 @@ from celery.utils.saferepr import saferepr
 from celery.utils.sysinfo import load_average
 from celery.worker.state import SOFTWARE_INFO
 
-from producer.errors import VQAError
+from producer.errors import STOPPED_CODES, VQAError
 from producer.keys import TASK_NAME
 from producer.schema import Job, Record
 from worker.hooks import Hook, WorkerInfo
@@ -122,6 +123,9 @@ class CeleryEvents(Hook):
         if record.status == "succeeded":
             runtime = None if record.infer_ms is None else record.infer_ms / 1000
             self.send("task-succeeded", uuid=record.job_id, result=saferepr(record.answer, maxlen=_REPR_MAX), runtime=runtime)
+        elif record.error is not None and record.error.code in STOPPED_CODES:
+            # What Celery's worker sends for a revoked task; Flower shows it as REVOKED.
+            self.send("task-revoked", uuid=record.job_id, terminated=False, signum=None, expired=record.error.code == "expired")
         else:
             error = record.error
             exception = "failed" if error is None else f"{error.code}: {error.message}"

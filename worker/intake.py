@@ -12,7 +12,8 @@ the dead-letter list (``vqa dead-letters`` shows it) and goes on with the jobs a
     task message  Celery task protocol 2 for ``vqa.answer`` only; JSON only (pickle and every
                   other content type are refused before a byte is deserialised); with signing
                   on, only messages signed by a trusted certificate (SignatureVerifier)
-    job           the shared pydantic Job model, whose id must be the message's task id
+    job           the shared pydantic Job model, whose id must be the message's task id; a
+                  Celery ``expires`` header earlier than the job's own deadline becomes it
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import binascii
 import json
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -138,7 +140,23 @@ def decode_task_message(message: QueueMessage, *, verifier: SignatureVerifier | 
     job = Job.decode(kwargs["job"])
     if headers.get("id") != job.job_id:
         raise InvalidJob("message id does not match the job id")
+    expires = _celery_expires(headers.get("expires"))
+    if expires is not None and (job.deadline is None or expires < job.deadline):
+        job = job.model_copy(update={"deadline": expires})
     return job
+
+
+def _celery_expires(value: object) -> datetime | None:
+    """The ``expires`` header Celery's ``send_task(expires=...)`` writes (ISO 8601); naive times are UTC, as in Celery."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidJob(f"expires header is a {type(value).__name__}, not an ISO 8601 time")
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise InvalidJob(f"expires header {printable(value)!r} is not an ISO 8601 time") from exc
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def _json(body: Any) -> Any:

@@ -14,10 +14,11 @@ import redis
 
 from producer.celery_app import make_celery
 from producer.settings import Settings
+from worker.cancels import CancelCheck
 from worker.consumer import BatchingConsumer
 from worker.counters import JobCounters
 from worker.fetch.images import FetchPolicy, install_pillow_warning_filter
-from worker.hooks import Hooks, WorkerInfo
+from worker.hooks import Hook, Hooks, WorkerInfo
 from worker.preparing import JobPreparer
 from worker.runner import BatchRunner
 from worker.storage import RecordStore, make_s3_client
@@ -51,13 +52,17 @@ def run_worker(settings: Settings) -> None:
     app = make_celery(settings)
     s3 = make_s3_client(settings)
     store = RecordStore(settings, s3_client=s3, app=app)
-    counters = JobCounters(redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5, socket_timeout=30))
-    preparer = JobPreparer(engine=engine, store=store, counters=counters, policy=FetchPolicy.from_settings(settings), s3_client=s3)
+    jobs_redis = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5, socket_timeout=30)
+    counters = JobCounters(jobs_redis)
+    cancels = CancelCheck(jobs_redis)
+    preparer = JobPreparer(
+        engine=engine, store=store, counters=counters, cancels=cancels, policy=FetchPolicy.from_settings(settings), s3_client=s3
+    )
     hooks = Hooks()
     runner = BatchRunner(
         settings=settings, engine=engine, store=store, counters=counters, worker_name=worker_name, stopping=stopping, hooks=hooks
     )
-    consumer = BatchingConsumer(settings=settings, runner=runner, prepare=preparer, stopping=stopping, hooks=hooks)
+    consumer = BatchingConsumer(settings=settings, runner=runner, prepare=preparer, stopping=stopping, hooks=hooks, cancels=cancels)
     for hook in _optional_hooks(settings, app=app, worker_name=worker_name, consumer=consumer):
         hooks.add(hook)
 
@@ -73,9 +78,9 @@ def run_worker(settings: Settings) -> None:
     log.info("padding: %d real / %d padded prompt tokens", engine.real_tokens, engine.padded_tokens)
 
 
-def _optional_hooks(settings: Settings, *, app: Any, worker_name: str, consumer: BatchingConsumer) -> list[Any]:
+def _optional_hooks(settings: Settings, *, app: Any, worker_name: str, consumer: BatchingConsumer) -> list[Hook]:
     """The hooks the settings turn on: Prometheus metrics (with /healthz), Celery events."""
-    hooks: list[Any] = []
+    hooks: list[Hook] = []
     if settings.metrics_port is not None:
         from worker import health
         from worker.metrics import WorkerMetrics, serve_metrics

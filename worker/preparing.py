@@ -2,7 +2,8 @@
 
 For each job, off the consumer and model threads:
 
-1. Is there a success record already (a redelivery, a duplicate)? Then nothing runs.
+1. Cancelled, or past its deadline (worker/cancels.py)? Then it ends so, without fetching.
+   Is there a success record already (a redelivery, a duplicate)? Then nothing runs.
 2. How often did it reach a model before without coming back (worker/counters.py)?
 3. Fetch and decode the image under the SSRF guard and the caps (worker/fetch/).
 4. Preprocess it for the engine (tiles, prompt tokens), so the model thread only pads and runs.
@@ -19,6 +20,7 @@ from typing import Any
 
 from producer.errors import CorruptRecord, PermanentError, StorageUnavailable, VQAError
 from producer.schema import Job
+from worker.cancels import CancelCheck
 from worker.counters import JobCounters
 from worker.engine import Engine
 from worker.fetch.images import FetchPolicy, fetch_image
@@ -31,8 +33,11 @@ log = logging.getLogger(__name__)
 class JobPreparer:
     """Callable run on the fetch pool: ``preparer(job) -> Prepared``."""
 
-    def __init__(self, *, engine: Engine, store: RecordStore, counters: JobCounters, policy: FetchPolicy, s3_client: Any) -> None:
+    def __init__(
+        self, *, engine: Engine, store: RecordStore, counters: JobCounters, cancels: CancelCheck, policy: FetchPolicy, s3_client: Any
+    ) -> None:
         self.engine = engine
+        self.cancels = cancels
         self.store = store
         self.counters = counters
         self.policy = policy
@@ -48,6 +53,9 @@ class JobPreparer:
             return Prepared(error=PermanentError(f"could not prepare the job: {type(exc).__name__}", code="internal_error"))
 
     def _prepare(self, job: Job) -> Prepared:
+        stopped = self.cancels.reasons([job]).get(job.job_id)
+        if stopped is not None:
+            return Prepared(error=stopped)
         try:
             existing = self.store.existing(job.job_id)
         except StorageUnavailable as exc:

@@ -36,7 +36,7 @@ from producer.errors import (
     TransientError,
     VQAError,
 )
-from producer.schema import ErrorInfo, Record, utcnow
+from producer.schema import ErrorInfo, Record, Usage, utcnow
 from producer.settings import Settings
 from worker.counters import JobCounters
 from worker.engine import Answer, Engine
@@ -195,13 +195,20 @@ class BatchRunner:
             if isinstance(result.answer, VQAError):
                 self._on_error(finishing, pending, result.answer, batch_size=result.size)
                 continue
+            answer = result.answer
             record = self._record(
                 pending,
                 status="succeeded",
-                answer=result.answer.text,
+                answer=answer.text,
                 batch_size=result.size,  # after an out-of-memory split, the half that answered it
                 infer_ms=result.infer_ms,
                 executions=executions,
+                usage=Usage(
+                    prompt_tokens=answer.prompt_tokens,
+                    image_tokens=answer.image_tokens,
+                    generated_tokens=answer.generated_tokens,
+                    model_ms=round((result.infer_ms or 0.0) / result.size, 3),
+                ),
             )
             self._finish(finishing, pending, record)
 
@@ -350,6 +357,7 @@ class BatchRunner:
         error: VQAError | None = None,
         infer_ms: float | None = None,
         executions: int = 0,
+        usage: Usage | None = None,
     ) -> Record:
         job = pending.job
         prepared = pending.prepared or Prepared()
@@ -372,6 +380,9 @@ class BatchRunner:
             fetch_ms=prepared.fetch_ms,
             infer_ms=infer_ms,
             error=None if error is None else ErrorInfo(code=error.code, message=error.message, retryable=error.retryable),
+            usage=usage,
+            bulk_id=job.bulk_id,
+            custom_id=job.custom_id,
         )
 
 

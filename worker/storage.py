@@ -13,7 +13,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from producer import keys
-from producer.errors import BackendUnavailable, CorruptRecord, JobFailed, StorageUnavailable
+from producer.errors import STOPPED_CODES, BackendUnavailable, CorruptRecord, JobFailed, StorageUnavailable
 from producer.schema import Record, parse_record
 from producer.settings import Settings
 
@@ -182,7 +182,8 @@ class RecordStore:
             error = record.error
             message = f"{error.code}: {error.message}" if error else "failed"
             value = JobFailed(message, record.model_dump(mode="json"))
-            state = "FAILURE"
+            # Celery's own state for a revoked task: AsyncResult(...).state is REVOKED, get() raises.
+            state = "REVOKED" if error is not None and error.code in STOPPED_CODES else "FAILURE"
         self._backend_call(self.app.backend.store_result, record.job_id, value, state)
 
     def mark_started(self, job_ids: list[str]) -> None:

@@ -10,61 +10,12 @@ from typing import Any
 
 import pytest
 
-from producer.bulk import TaskMessages
 from producer.schema import Job
 from producer.settings import Settings
+from tests.support.consumer import FakeChannel, FakeRunner, NoCancels, delivery
 from worker.broker import Delivery
 from worker.consumer import BatchingConsumer
-from worker.jobs import Outcome, Pending, Prepared
-from worker.runner import BatchStats, Finishing
-
-
-def delivery(job: Job) -> Delivery:
-    """A job's message exactly as a producer puts it on the queue."""
-    raw = TaskMessages(queue="vqa", reply_to="r").encode(job).encode()
-    return Delivery(tag=f"tag-{job.job_id}", raw=raw)
-
-
-class FakeChannel:
-    """The consumer's queue (worker.broker.RedisQueue's part): hands out the deliveries it is given, records settles by tag."""
-
-    def __init__(self, deliveries: list[Delivery] | None = None) -> None:
-        self.waiting = list(deliveries or [])
-        self.acked: set[str] = set()
-        self.requeued: set[str] = set()
-        self.dead: list[tuple[str, str]] = []
-
-    def pop(self, limit: int) -> list[Delivery]:
-        taken, self.waiting = self.waiting[:limit], self.waiting[limit:]
-        return taken
-
-    def restore_expired(self, visibility_timeout: float) -> int:
-        return 0
-
-    def ack(self, tag: str) -> None:
-        self.acked.add(tag)
-
-    def requeue(self, tag: str) -> bool:
-        self.requeued.add(tag)
-        return True
-
-    def dead_letter(self, tag: str, raw: bytes, *, reason: str) -> None:
-        self.dead.append((tag, reason))
-
-
-class FakeRunner:
-    def __init__(self) -> None:
-        self.batches: list[list[str]] = []
-        self.release = threading.Event()
-        self.stats = BatchStats()
-
-    def infer(self, batch: list[Pending]) -> Finishing:
-        self.batches.append([pending.job.image_url.rsplit("/", 1)[-1] for pending in batch])
-        self.release.wait(10)
-        return Finishing([Outcome(pending, "ack") for pending in batch])
-
-    def complete(self, finishing: Finishing) -> list[Outcome]:
-        return finishing.outcomes
+from worker.jobs import Prepared
 
 
 def _job(name: str) -> Job:
@@ -95,7 +46,7 @@ def test_slow_fetch_does_not_hold_a_batch_and_is_handed_back_on_shutdown() -> No
     runner = FakeRunner()
     settings = Settings(max_batch_size=2, max_batch_delay_ms=0)
     channel = FakeChannel()
-    consumer = BatchingConsumer(settings=settings, runner=runner, prepare=prepare, stopping=threading.Event(), broker=channel)  # type: ignore[arg-type]
+    consumer = BatchingConsumer(settings=settings, runner=runner, prepare=prepare, stopping=threading.Event(), broker=channel, cancels=NoCancels())  # type: ignore[arg-type]
     consumer._model_thread.start()
     consumer._writer_thread.start()
     messages = {name: delivery(_job(name)) for name in ["slow.png", "a.png", "b.png", "c.png", "d.png"]}
@@ -141,7 +92,7 @@ def test_a_finished_job_frees_its_inputs_without_waiting_for_the_garbage_collect
     runner.release.set()
     channel = FakeChannel()
     consumer = BatchingConsumer(settings=Settings(max_batch_size=2, max_batch_delay_ms=0), runner=runner,  # type: ignore[arg-type]
-                                prepare=prepare, stopping=threading.Event(), broker=channel)
+                                prepare=prepare, stopping=threading.Event(), broker=channel, cancels=NoCancels())
     consumer._model_thread.start()
     consumer._writer_thread.start()
     messages = [delivery(_job(f"{i}.png")) for i in range(6)]
@@ -170,7 +121,7 @@ def test_an_unexpected_error_in_the_loop_is_logged_and_the_loop_goes_on(caplog: 
     runner.release.set()
     channel = FakeChannel([delivery(_job(f"{i}.png")) for i in range(4)])
     consumer = BatchingConsumer(settings=Settings(max_batch_size=2, max_batch_delay_ms=0), runner=runner,  # type: ignore[arg-type]
-                                prepare=lambda job: Prepared(inputs=object(), cost=1), stopping=threading.Event(), broker=channel)
+                                prepare=lambda job: Prepared(inputs=object(), cost=1), stopping=threading.Event(), broker=channel, cancels=NoCancels())
     real_tick, failures = consumer._tick, [2]
 
     def tick() -> None:
@@ -198,7 +149,7 @@ def test_a_loop_that_dies_still_hands_its_messages_back() -> None:
         return Prepared(inputs=object(), cost=1)
 
     consumer = BatchingConsumer(settings=Settings(max_batch_size=8, max_batch_delay_ms=0, shutdown_grace_s=1), runner=FakeRunner(),  # type: ignore[arg-type]
-                                prepare=prepare, stopping=threading.Event(), broker=channel)
+                                prepare=prepare, stopping=threading.Event(), broker=channel, cancels=NoCancels())
     real_receive = consumer._receive
 
     def receive() -> int:
@@ -229,7 +180,7 @@ def test_a_rejected_entry_is_dead_lettered_and_its_neighbours_run() -> None:
     good = delivery(_job("ok.png"))
     channel = FakeChannel([Delivery(tag="junk", raw=b"\x00 not a message"), good])
     consumer = BatchingConsumer(settings=Settings(max_batch_size=1, max_batch_delay_ms=0), runner=runner,  # type: ignore[arg-type]
-                                prepare=lambda job: Prepared(inputs=object(), cost=1), stopping=threading.Event(), broker=channel)
+                                prepare=lambda job: Prepared(inputs=object(), cost=1), stopping=threading.Event(), broker=channel, cancels=NoCancels())
     thread = _running(consumer)
     try:
         _until(lambda: good.tag in channel.acked)

@@ -18,6 +18,7 @@ from worker.health import LOOP_STALE_S, Progress, check
 from worker.ledger import LedgerStats
 from worker.metrics import WorkerMetrics, serve_metrics
 from worker.runner import BatchStats
+from tests.support.consumer import FakeChannel, NoCancels
 from tests.support.images import SIZES
 
 HEALTHY = Progress(loop_age_s=0.1, model_thread_alive=True, writer_thread_alive=True, broker_reachable=True,
@@ -102,7 +103,8 @@ def test_a_consumer_not_yet_running_is_not_healthy() -> None:
     class _Runner:
         stats = BatchStats()
 
-    consumer = BatchingConsumer(settings=Settings(), runner=_Runner(), prepare=None, stopping=threading.Event())  # type: ignore[arg-type]
+    consumer = BatchingConsumer(settings=Settings(), runner=_Runner(), prepare=None, stopping=threading.Event(),  # type: ignore[arg-type]
+                                broker=FakeChannel(), cancels=NoCancels())  # type: ignore[arg-type]
     healthy, report = check(consumer.progress(), visibility_timeout=60)
     assert not healthy and "consumer loop not started" in report["problems"]
     assert "model thread is not running" in report["problems"]
