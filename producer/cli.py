@@ -176,10 +176,11 @@ def dead_letters(
     """List queue entries the workers refused (malformed, unsigned, invalid job), newest first, as JSON lines."""
     import redis
 
+    from producer.connections import redis_client
     from worker.broker import RedisQueue
 
     settings = _settings()
-    queue = RedisQueue(redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5, socket_timeout=30), queue=settings.queue)
+    queue = RedisQueue(redis_client(settings.broker_url), queue=settings.queue)
     try:
         letters = queue.dead_letters(limit)
     except redis.RedisError as exc:

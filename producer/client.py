@@ -15,8 +15,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from producer import bulk, keys
+from producer import keys, messages
 from producer.celery_app import make_celery
+from producer.connections import redis_client
 from producer.errors import BackendUnavailable, CorruptRecord, InvalidJob, JobFailed, StorageUnavailable
 from producer.schema import GenerationSettings, Job, Record, derive_job_id, parse_duration, parse_record, parse_time, utcnow
 from producer.settings import Settings
@@ -41,9 +42,9 @@ class VQAClient:
     def __init__(self, settings: Settings | None = None, *, app: Celery | None = None) -> None:
         self.settings = settings or Settings()
         self.app = app or make_celery(self.settings)
-        self._redis = redis.Redis.from_url(self.settings.broker_url, socket_connect_timeout=5, socket_timeout=30)
+        self._redis = redis_client(self.settings.broker_url)
         self._s3: Any = None
-        self._messages: bulk.TaskMessages | None = None
+        self._messages: messages.TaskMessages | None = None
         # This client's "publishing" claims carry its own token: a retry after a failed publish
         # takes its own leftover claim over at once instead of waiting for it to expire.
         self._claim_token = _PUBLISHING + b":" + uuid.uuid4().hex.encode()
@@ -119,7 +120,7 @@ class VQAClient:
         ``idempotency_key``, ``max_new_tokens``, ``generation``. On any invalid one,
         :class:`InvalidJob` lists every bad line (1-based) and nothing is enqueued.
         On a Redis broker the whole list costs a few round trips, not one per job
-        (see :mod:`producer.bulk`).
+        (see :mod:`producer.messages`).
         """
         jobs: list[Job] = []
         problems: list[str] = []
@@ -232,20 +233,20 @@ class VQAClient:
 
     def _publish(self, jobs: list[Job]) -> None:
         # Signed messages go through Celery's own publishing, which signs each one.
-        if self.settings.broker_url.startswith(bulk.REDIS_SCHEMES) and not self.settings.signs_messages:
-            self._publish_bulk(jobs)
+        if self.settings.broker_url.startswith(messages.REDIS_SCHEMES) and not self.settings.signs_messages:
+            self._publish_pushed(jobs)
         else:
             self._publish_one_by_one(jobs)
 
-    def _publish_bulk(self, jobs: list[Job]) -> None:
-        """LPUSH ready-made task messages, :data:`bulk.CHUNK` per command (see producer/bulk.py)."""
+    def _publish_pushed(self, jobs: list[Job]) -> None:
+        """LPUSH ready-made task messages, :data:`messages.CHUNK` per command (see producer/messages.py)."""
         if self._messages is None:
             prefix = (self.app.conf.broker_transport_options or {}).get("global_keyprefix", "")
-            self._messages = bulk.TaskMessages(queue=self.settings.queue, reply_to=self.app.thread_oid, key_prefix=prefix)
+            self._messages = messages.TaskMessages(queue=self.settings.queue, reply_to=self.app.thread_oid, key_prefix=prefix)
         published = 0
         try:
-            for start in range(0, len(jobs), bulk.CHUNK):
-                chunk = jobs[start : start + bulk.CHUNK]
+            for start in range(0, len(jobs), messages.CHUNK):
+                chunk = jobs[start : start + messages.CHUNK]
                 # One LPUSH of many values is one atomic command, and keeps FIFO order (BRPOP takes the first pushed first).
                 self._redis.lpush(self._messages.key, *(self._messages.encode(job) for job in chunk))
                 published += len(chunk)

@@ -32,10 +32,9 @@ import time
 from dataclasses import dataclass
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from producer import keys
+from producer.connections import redis_client
 
 # Rejected entries kept for inspection (``vqa dead-letters``), newest first; older ones are dropped.
 DEAD_LETTERS_KEPT = 10_000
@@ -126,8 +125,7 @@ class RedisQueue:
     def from_url(cls, url: str, *, queue: str) -> RedisQueue:
         # No automatic retries: a pop retried after a lost reply would take more messages while
         # the first ones wait for the visibility timeout. The consumer retries, after a pause.
-        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, retry=Retry(NoBackoff(), 0))
-        return cls(client, queue=queue)
+        return cls(redis_client(url, retries=False), queue=queue)
 
     def pop(self, limit: int) -> list[Delivery]:
         """Take up to ``limit`` messages, highest priority first and oldest first within it, each recorded as unacked in the same step."""

@@ -10,9 +10,8 @@ import threading
 import time
 from typing import Any
 
-import redis
-
 from producer.celery_app import make_celery
+from producer.connections import redis_client
 from producer.settings import Settings
 from worker.cancels import CancelCheck
 from worker.consumer import BatchingConsumer
@@ -52,7 +51,7 @@ def run_worker(settings: Settings) -> None:
     app = make_celery(settings)
     s3 = make_s3_client(settings)
     store = RecordStore(settings, s3_client=s3, app=app)
-    jobs_redis = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5, socket_timeout=30)
+    jobs_redis = redis_client(settings.broker_url)
     counters = JobCounters(jobs_redis)
     cancels = CancelCheck(jobs_redis)
     preparer = JobPreparer(

@@ -23,7 +23,7 @@ from kombu import Connection
 from typer.testing import CliRunner
 
 from producer import keys
-from producer.bulk import TaskMessages
+from producer.messages import TaskMessages
 from producer.cli import app as cli_app
 from producer.client import VQAClient
 from tests.security.conftest import wait_all

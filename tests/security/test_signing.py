@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from kombu.serialization import registry
 
-from producer.bulk import TaskMessages
+from producer.messages import TaskMessages
 from producer.client import VQAClient
 from producer.errors import InvalidJob
 from producer.settings import Settings

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from producer.bulk import TaskMessages
+from producer.messages import TaskMessages
 from producer.schema import Job
 from worker.broker import Delivery
 from worker.jobs import Outcome, Pending

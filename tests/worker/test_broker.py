@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from producer import keys
-from producer.bulk import TaskMessages
+from producer.messages import TaskMessages
 from producer.schema import GenerationSettings, Job, utcnow
 from worker.broker import RedisQueue
 

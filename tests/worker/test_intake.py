@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from producer.bulk import TaskMessages
+from producer.messages import TaskMessages
 from producer.errors import MessageRejected, PermanentError
 from producer.schema import GenerationSettings, Job, utcnow
 from worker.intake import MAX_MESSAGE_BYTES, parse_envelope, read_message

@@ -11,7 +11,7 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Queue
 
-from producer import bulk, keys
+from producer import keys, messages
 from producer.client import VQAClient
 from producer.errors import BackendUnavailable
 from worker.intake import decode_task_message
@@ -55,7 +55,7 @@ def test_message_matches_what_send_task_writes(redis_url: str, client_for: Calla
 def test_kombu_consumer_reads_bulk_messages_in_order(
     redis_url: str, client_for: Callable[[dict[str, str]], VQAClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(bulk, "CHUNK", 3)  # several LPUSH commands; order must hold across them
+    monkeypatch.setattr(messages, "CHUNK", 3)  # several LPUSH commands; order must hold across them
     client = client_for(_env(redis_url))
     ids = client.submit_many(_requests(8))
     received: list[str] = []

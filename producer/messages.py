@@ -1,4 +1,4 @@
-"""Bulk enqueue: many Celery task messages in one Redis round trip.
+"""Task messages built by hand: many Celery messages in one Redis round trip (what submit_many publishes).
 
 ``app.send_task`` costs a round trip and a few hundred microseconds of Python per message
 (most of it building ``kwargsrepr``, plus a result-channel subscription). For a list of jobs
@@ -6,7 +6,7 @@ we build the very same message ourselves: Celery task protocol 2 (``headers`` + 
 ``[args, kwargs, embed]``) inside the envelope kombu's Redis transport stores (base64 body,
 ``properties`` with ``delivery_info`` and a ``delivery_tag``), and LPUSH a whole chunk onto
 the queue's list with one command, as kombu's ``Channel._put`` does one message at a time.
-The worker's kombu consumer reads them like any other; ``tests/producer/test_bulk.py``
+The worker's kombu consumer reads them like any other; ``tests/producer/test_messages.py``
 compares them field by field with what ``send_task`` writes.
 
 Only the default priority (0, the bare queue key) is produced, which is all our producers use.
