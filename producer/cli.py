@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -24,7 +23,7 @@ app = typer.Typer(
 
 def _settings() -> Settings:
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as exc:
         # Without the offending values: a setting may hold a password or a key.
         problems = "; ".join(
@@ -32,6 +31,13 @@ def _settings() -> Settings:
             for err in exc.errors(include_url=False, include_input=False)
         )
         _fail(f"invalid VQA_* settings: {problems}", code=2)
+    if settings.log_format == "json":
+        # Producer commands log as JSON too (the "submitted" line a job is followed from); in
+        # text mode they keep Python's default (warnings only).
+        from producer.logs import configure_logging
+
+        configure_logging(settings)
+    return settings
 
 
 def _fail(message: str, *, code: int = 1) -> NoReturn:
@@ -192,16 +198,49 @@ def dead_letters(
 
 
 @app.command()
-def worker() -> None:
-    """Run a worker: load the model once, then consume and answer jobs in micro-batches until SIGTERM."""
-    settings = _settings()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from worker.main import run_worker
+def worker(
+    gpus: Annotated[str | None, typer.Option("--gpus", help="Supervise one worker per GPU: all, or ids like 0,1 (each pinned with CUDA_VISIBLE_DEVICES).")] = None,
+    processes: Annotated[int | None, typer.Option("--processes", min=1, help="Supervise N workers on this host (CPU hosts, tests).")] = None,
+) -> None:
+    """Run a worker: load the model once, then consume and answer jobs in micro-batches until SIGTERM.
 
+    With --gpus or --processes, supervise one worker process per GPU (or N): a crashed one is
+    restarted with backoff, SIGTERM stops them all warmly. VQA_METRICS_PORT is the first
+    child's port; the others take the next ones.
+    """
+    settings = _settings()
+    from producer.logs import configure_logging
+
+    if gpus is not None or processes is not None:
+        from worker.supervisor import Supervisor, plan_children, supervisor_name
+
+        try:
+            specs = plan_children(settings, gpus=gpus, processes=processes)
+        except ValueError as exc:
+            _fail(str(exc), code=2)
+        configure_logging(settings, worker=supervisor_name(settings))
+        raise typer.Exit(Supervisor(specs, settings=settings).run())
+    from worker.main import default_worker_name, run_worker
+
+    configure_logging(settings, worker=default_worker_name(settings))
     try:
         run_worker(settings)
     except VQAError as exc:
         _fail(str(exc))
+
+
+@app.command()
+def exporter(
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "0.0.0.0",  # noqa: S104 - a metrics endpoint in a pod
+    port: Annotated[int, typer.Option("--port", help="Port of /metrics.")] = 9200,
+) -> None:
+    """Serve the fleet's signals from Redis for Prometheus and autoscalers: backlog per priority lane, age of the oldest job, dead letters."""
+    settings = _settings()
+    from producer.exporter import run_exporter
+    from producer.logs import configure_logging
+
+    configure_logging(settings)
+    run_exporter(settings, host=host, port=port)
 
 
 @app.command("make-tiny-model")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -21,6 +22,8 @@ from producer.connections import redis_client
 from producer.errors import BackendUnavailable, CorruptRecord, InvalidJob, JobFailed, StorageUnavailable
 from producer.schema import GenerationSettings, Job, Record, derive_job_id, parse_duration, parse_record, parse_time, utcnow
 from producer.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # A queued-but-unfinished job is not enqueued again for this long.
 _SUBMITTED_TTL_FLOOR_S = 3600
@@ -177,6 +180,9 @@ class VQAClient:
                 self._forget_earlier_outcome(mine)
                 self._publish(mine)
                 self._mark_queued(mine)
+                if log.isEnabledFor(logging.INFO):  # where a job's trail in the logs starts (producer/logs.py)
+                    for job in mine:
+                        log.info("submitted job %s", job.job_id, extra={"job_id": job.job_id, "bulk_id": job.bulk_id})
             if contested:
                 time.sleep(0.05)
 

@@ -88,6 +88,16 @@ class Settings(BaseSettings):
     # events` show our tasks and workers; off by default, like Celery's. See worker/events.py.
     send_events: bool = False
 
+    # Running a fleet (issue 13): logs, the supervisor of `vqa worker --gpus/--processes`.
+    # text: the format of old; json: one JSON object per line with job_id, batch_id, worker
+    # (producer/logs.py).
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # A crashed child is restarted after this delay, doubled after each crash in a row up to
+    # the cap; a child that ran for the cap's length counts as healthy again (worker/supervisor.py).
+    restart_backoff_s: float = Field(default=1.0, gt=0)
+    restart_backoff_max_s: float = Field(default=60.0, gt=0)
+
     # Test-only fault hooks, off by default (tests/reliability uses them; see docs/reliability.md).
     # A batch larger than this raises out-of-memory.
     fault_oom_above_batch: int = Field(default=0, ge=0)

@@ -188,6 +188,7 @@ class BatchingConsumer:
             if now >= self._next_restore:
                 self._next_restore = now + _RESTORE_EVERY_S
                 restored = self.broker.restore_expired(self.settings.visibility_timeout)
+                self.ledger.stats.restored += restored
                 if restored:
                     log.warning("put %d messages unacked for over %d s back on the queue", restored, self.settings.visibility_timeout)
             room = self.prefetch - len(self.ledger)
@@ -219,7 +220,7 @@ class BatchingConsumer:
         if not self.ledger.hold(job.job_id, message.delivery_tag):
             # Already held here (a duplicate publish, or redelivered while we were slow with it):
             # settled with the first delivery's outcome instead of running the model twice.
-            log.info("job %s delivered again while held; it follows the first delivery", job.job_id)
+            log.info("job %s delivered again while held; it follows the first delivery", job.job_id, extra={"job_id": job.job_id})
             return
         self.hooks.on_received(job, message.headers)
         self._enqueue(Pending(job=job, message=message, received_at=time.monotonic()))
@@ -379,7 +380,7 @@ class BatchingConsumer:
                 finishing = self.runner.infer(batch)
                 self._check_visibility()
             except Exception:  # noqa: BLE001 - a bug here must not kill the thread and strand jobs
-                log.exception("batch of %d crashed; handing its jobs back", len(batch))
+                log.exception("batch of %d crashed; handing its jobs back", len(batch), extra=_ids(batch))
                 self._inferred += 1
                 self._outcomes.put([Outcome(pending, "requeue") for pending in batch])
                 del batch  # an idle worker keeps no finished batch's tensors alive
@@ -397,7 +398,7 @@ class BatchingConsumer:
             try:
                 outcomes = self.runner.complete(finishing)
             except Exception:  # noqa: BLE001 - as above: never strand the batch's jobs
-                log.exception("storing the records of a batch of %d crashed; handing its jobs back", len(batch))
+                log.exception("storing the records of a batch of %d crashed; handing its jobs back", len(batch), extra=_ids(batch))
                 outcomes = [Outcome(pending, "requeue") for pending in batch]
             self._outcomes.put(outcomes)
             del item, batch, finishing, outcomes  # as in _model_loop
@@ -412,3 +413,7 @@ class BatchingConsumer:
         if warning:
             log.warning("%s", warning)
 
+
+def _ids(batch: list[Pending]) -> dict[str, list[str]]:
+    """A log line's ``extra`` naming the batch's jobs (producer/logs.py)."""
+    return {"job_ids": [pending.job.job_id for pending in batch]}

@@ -79,7 +79,7 @@ class JobCounters:
         counts = [RunCount(deliveries=None if d == -1 else int(d), executions=int(e)) for d, e in replies]
         for job_id, count in zip(job_ids, counts, strict=True):
             if count.executions > 1:
-                log.warning("job %s runs the model for the %d. time (redelivery or retry)", job_id, count.executions)
+                log.warning("job %s runs the model for the %d. time (redelivery or retry)", job_id, count.executions, extra={"job_id": job_id})
         return counts
 
     def earlier_deliveries(self, job_id: str) -> int:

@@ -14,7 +14,8 @@ registered hook, in registration order, at these points:
                               the job's record is in S3 and the result backend, and its message is
                               not acked yet (a store thread); ``created`` is False when the record
                               already existed (a redelivery, or a duplicate)
-    on_batch(report)          the model finished a batch (writer thread)
+    on_batch(report)          the model finished a batch; called before its jobs' on_stored
+                              (writer thread)
     on_worker_stop()          the consumer has stopped (main thread)
 
 Rules, so that a hook can never slow the model or lose a job:
@@ -60,6 +61,9 @@ class BatchReport:
     executions: int  # model runs counted for these jobs
     duplicate_executions: int  # runs of jobs that had run before
     oom_splits: int  # out-of-memory splits while running it
+    batch_id: str = ""  # "<worker>-<n>": what logs and records of this batch's jobs are correlated by
+    job_ids: tuple[str, ...] = ()  # the jobs that ran in it, in order
+    preprocess_s: tuple[float, ...] = ()  # each job's preprocessing (tiles, prompt) on the fetch pool
 
 
 class Hook:

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from producer.errors import VQAError
-from producer.schema import Job, Record
+from producer.schema import Job, Record, utcnow
 
 
 @dataclass
@@ -25,6 +25,7 @@ class Prepared:
     existing: Record | None = None  # a success record already stored: nothing to run
     error: VQAError | None = None
     fetch_ms: float | None = None
+    preprocess_ms: float | None = None  # Engine.prepare() of the fetched image
     # Deliveries of the job that reached a model and never came back, before this one
     # (worker/counters.py): read on the fetch pool so the model thread does not wait for it.
     earlier_deliveries: int = 0
@@ -53,3 +54,8 @@ class Outcome:
     delay_s: float = 0.0
     record: Record | None = None
     error: VQAError | None = None  # why a retry is needed
+
+
+def seconds_since(moment: datetime | None) -> float:
+    """Wall-clock seconds since ``moment`` (a producer's or a model thread's time), never negative: hosts' clocks differ."""
+    return 0.0 if moment is None else max(0.0, (utcnow() - moment).total_seconds())

@@ -42,6 +42,9 @@ class LedgerStats:
     duplicate_deliveries: int = 0  # deliveries of a job this worker already held
     settle_failures: int = 0
     max_hold_s: float = 0.0  # longest a settled message stayed unacknowledged
+    # Messages this worker's restore put back on the queue (a dead worker's, or past the
+    # visibility timeout); the broker's restore step feeds it (worker/consumer.py).
+    restored: int = 0
 
 
 class Ledger:

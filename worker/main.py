@@ -1,4 +1,4 @@
-"""Worker start-up: settings in, model loaded once, parts and hooks wired, consumer running until SIGTERM/SIGINT."""
+"""Worker start-up: settings in, probes up, model loaded once and warmed up, parts and hooks wired, consumer running until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import signal
 import socket
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from producer.celery_app import make_celery
 from producer.connections import redis_client
@@ -17,36 +17,56 @@ from worker.cancels import CancelCheck
 from worker.consumer import BatchingConsumer
 from worker.counters import JobCounters
 from worker.fetch.images import FetchPolicy, install_pillow_warning_filter
-from worker.hooks import Hook, Hooks, WorkerInfo
+from worker.health import Readiness
+from worker.hooks import Hooks, WorkerInfo
+from worker.joblog import JobLog
 from worker.preparing import JobPreparer
 from worker.runner import BatchRunner
 from worker.storage import RecordStore, make_s3_client
+from worker.warmup import warm_up
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger(__name__)
 
 
+def default_worker_name(settings: Settings) -> str:
+    return settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
+
+
 def run_worker(settings: Settings) -> None:
     """Load the model, then consume until a signal asks us to stop. Blocks."""
-    worker_name = settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
+    worker_name = default_worker_name(settings)
     stopping = threading.Event()
+    readiness = Readiness()
 
     def _on_signal(signum: int, _frame: Any) -> None:
         if stopping.is_set():
             log.warning("second %s: exiting now; unfinished jobs return via the broker", signal.Signals(signum).name)
             os._exit(1)
         log.info("%s received: warm shutdown (grace %.0f s)", signal.Signals(signum).name, settings.shutdown_grace_s)
+        readiness.advance("stopping")
         stopping.set()
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     install_pillow_warning_filter()
+    # Up before the model loads: probes see "loading" rather than a refused connection.
+    registry = _serve_endpoint(settings, readiness)
 
     # Heavy imports happen here, at start, never when the package is imported.
     from worker.model import VQAModel
 
     started = time.perf_counter()
     engine = VQAModel.load(settings)
-    log.info("loaded %s (%s) on %s in %.1f s", engine.name, settings.quantization, engine.device, time.perf_counter() - started)
+    load_s = time.perf_counter() - started
+    log.info("loaded %s (%s) on %s in %.1f s", engine.name, settings.quantization, engine.device, load_s)
+    readiness.advance("warming", model_load_s=round(load_s, 3))
+    warm_s = warm_up(engine, batch_size=settings.max_batch_size)
+    log.info("warm-up batch of %d ran in %.2f s", settings.max_batch_size, warm_s)
+    readiness.advance("warming", warmup_s=round(warm_s, 3))
+    real_before, padded_before = engine.real_tokens, engine.padded_tokens  # the warm-up's, left out of the last line
 
     app = make_celery(settings)
     s3 = make_s3_client(settings)
@@ -57,44 +77,54 @@ def run_worker(settings: Settings) -> None:
     preparer = JobPreparer(
         engine=engine, store=store, counters=counters, cancels=cancels, policy=FetchPolicy.from_settings(settings), s3_client=s3
     )
-    hooks = Hooks()
+    hooks = Hooks([JobLog()])
     runner = BatchRunner(
         settings=settings, engine=engine, store=store, counters=counters, worker_name=worker_name, stopping=stopping, hooks=hooks
     )
     consumer = BatchingConsumer(settings=settings, runner=runner, prepare=preparer, stopping=stopping, hooks=hooks, cancels=cancels)
-    for hook in _optional_hooks(settings, app=app, worker_name=worker_name, consumer=consumer):
-        hooks.add(hook)
+    readiness.watch(consumer.progress)
+    if registry is not None:
+        from worker.metrics import WorkerMetrics, cuda_memory_reader
+
+        metrics = WorkerMetrics(worker=worker_name, ledger=consumer.ledger.stats, registry=registry)
+        metrics.model_loaded(load_s)
+        gpu_memory = cuda_memory_reader(engine.device)
+        if gpu_memory is not None:
+            metrics.watch_gpu_memory(gpu_memory)
+        hooks.add(metrics)
+    if settings.send_events:
+        from worker.events import CeleryEvents
+
+        # Heartbeats report the jobs this worker holds, received and not yet settled.
+        hooks.add(CeleryEvents(app, hostname=worker_name, active=lambda: len(consumer.ledger)))
 
     hooks.on_worker_start(WorkerInfo(name=worker_name, queue=settings.queue))
+    if not stopping.is_set():
+        readiness.advance("ready")
     log.info("worker %s ready%s", worker_name, " (sending Celery events)" if settings.send_events else "")
-    print(f"vqa worker {worker_name} ready", flush=True)  # tests and supervisors wait for this line
+    if settings.log_format == "text":  # in JSON, the log line above says it (stdout stays free of non-JSON lines)
+        print(f"vqa worker {worker_name} ready", flush=True)  # tests and supervisors wait for this line
     try:
         consumer.run()
     finally:
         hooks.on_worker_stop()
     log.info("worker %s stopped: %d done, %d failed, %d batches", worker_name, runner.stats.jobs_done, runner.stats.jobs_failed, runner.stats.batches)
     # bench/ reads this line.
-    log.info("padding: %d real / %d padded prompt tokens", engine.real_tokens, engine.padded_tokens)
+    log.info("padding: %d real / %d padded prompt tokens", engine.real_tokens - real_before, engine.padded_tokens - padded_before)
 
 
-def _optional_hooks(settings: Settings, *, app: Any, worker_name: str, consumer: BatchingConsumer) -> list[Hook]:
-    """The hooks the settings turn on: Prometheus metrics (with /healthz), Celery events."""
-    hooks: list[Hook] = []
-    if settings.metrics_port is not None:
-        from worker import health
-        from worker.metrics import WorkerMetrics, serve_metrics
+def _serve_endpoint(settings: Settings, readiness: Readiness) -> CollectorRegistry | None:
+    """/metrics, /healthz and /readyz on VQA_METRICS_PORT, when it is set; the registry the metrics hook fills."""
+    if settings.metrics_port is None:
+        return None
+    from prometheus_client import CollectorRegistry
 
-        metrics = WorkerMetrics(worker=worker_name, ledger=consumer.ledger.stats)
+    from worker.metrics import serve_metrics
 
-        def check() -> tuple[bool, dict[str, Any]]:
-            return health.check(consumer.progress(), visibility_timeout=settings.visibility_timeout)
-
-        serve_metrics(settings.metrics_port, registry=metrics.registry, health=check)
-        log.info("metrics on :%d/metrics, health on :%d/healthz", settings.metrics_port, settings.metrics_port)
-        hooks.append(metrics)
-    if settings.send_events:
-        from worker.events import CeleryEvents
-
-        # Heartbeats report the jobs this worker holds, received and not yet settled.
-        hooks.append(CeleryEvents(app, hostname=worker_name, active=lambda: len(consumer.ledger)))
-    return hooks
+    registry = CollectorRegistry()
+    timeout = settings.visibility_timeout
+    serve_metrics(settings.metrics_port, registry=registry,
+                  health=lambda: readiness.liveness(visibility_timeout=timeout),
+                  ready=lambda: readiness.readiness(visibility_timeout=timeout))
+    log.info("metrics on :%d/metrics, probes on /healthz and /readyz", settings.metrics_port)
+    return registry

@@ -1,29 +1,31 @@
-"""The worker's metrics, as a lifecycle hook, and its HTTP endpoint (``VQA_METRICS_PORT``): ``/metrics`` and ``/healthz``.
+"""The worker's metrics, as a lifecycle hook, and its HTTP endpoint (``VQA_METRICS_PORT``): ``/metrics``, ``/healthz``, ``/readyz``.
 
 :class:`WorkerMetrics` is a hook (worker/hooks.py): it counts jobs, retries, batches and
-executions as the worker reports them, off the model thread, into prometheus-client metrics.
-The ledger's own counters (acks, hand-backs, holds) are read at scrape time.
+executions and times each stage of a job as the worker reports them, off the model thread,
+into prometheus-client metrics. The ledger's own counters (acks, hand-backs, restores, holds)
+and the GPU's memory are read at scrape time. Every name is listed in docs/operations.md.
 
-``/metrics`` (any path but ``/healthz``) serves them; ``/healthz`` answers 200 or 503 with a
-JSON report (worker/health.py): for a liveness probe.
+``/metrics`` (any path but the two probes) serves them; ``/healthz`` (liveness) and ``/readyz``
+(readiness) answer 200 or 503 with a JSON report (worker/health.py).
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from producer.errors import VQAError
 from producer.schema import Job, Record
 from worker.hooks import BatchReport, Hook
+from worker.jobs import seconds_since
 from worker.ledger import LedgerStats
 
 
@@ -52,12 +54,49 @@ class WorkerMetrics(Hook):
             metric.labels(worker)
         self.slowest_batch.labels(worker)
         self._slowest_s = 0.0
+        # Issue 13: outcomes by error code, each stage's time, batch shape, model load.
+        self.job_errors = Counter("vqa_job_errors", "Failed records by error code (cancelled and expired included).",
+                                  ["worker", "code"], registry=r)
+        self.queue_wait = Histogram("vqa_queue_wait_seconds", "From submit to taken off the queue, per delivery.", ["worker"],
+                                    buckets=_WAIT_BUCKETS, registry=r)
+        self.fetch = Histogram("vqa_fetch_seconds", "Image download and decode, per job.", ["worker"], buckets=_STAGE_BUCKETS, registry=r)
+        self.preprocess = Histogram("vqa_preprocess_seconds", "Preprocessing (tiles, prompt) per job, on the fetch pool.", ["worker"],
+                                    buckets=_STAGE_BUCKETS, registry=r)
+        self.inference = Histogram("vqa_batch_inference_seconds", "Generate time per model batch.", ["worker"],
+                                   buckets=_INFER_BUCKETS, registry=r)
+        self.store = Histogram("vqa_store_seconds", "From the answer to its record stored in S3 and the result backend.", ["worker"],
+                               buckets=_STAGE_BUCKETS, registry=r)
+        self.batch_size = Histogram("vqa_batch_size", "Jobs per model batch.", ["worker"], buckets=_SIZE_BUCKETS, registry=r)
+        self.padding_efficiency = Histogram("vqa_batch_padding_efficiency", "Real prompt tokens / tokens computed with padding, per batch.",
+                                            ["worker"], buckets=_RATIO_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("vqa_prompt_tokens", "Real prompt tokens of the jobs run (image tokens included).", ["worker"], registry=r)
+        self.padded_tokens = Counter("vqa_padded_prompt_tokens", "Prompt tokens computed, padding included.", ["worker"], registry=r)
+        self.model_load = Gauge("vqa_model_load_seconds", "How long loading the model took at start-up.", ["worker"], registry=r)
+        for metric in (self.queue_wait, self.fetch, self.preprocess, self.inference, self.store, self.batch_size,
+                       self.padding_efficiency, self.prompt_tokens, self.padded_tokens, self.model_load):
+            metric.labels(worker)
         r.register(LedgerCollector(worker=worker, ledger=ledger))
+
+    def model_loaded(self, seconds: float) -> None:
+        self.model_load.labels(self.worker).set(seconds)
+
+    def watch_gpu_memory(self, read: MemoryReader) -> None:
+        """Serve the GPU's allocated/reserved bytes, read at scrape time (only where CUDA is present)."""
+        self.registry.register(GpuMemoryCollector(worker=self.worker, read=read))
+
+    def on_received(self, job: Job, headers: Mapping[str, Any]) -> None:
+        self.queue_wait.labels(self.worker).observe(seconds_since(job.submitted_at))
 
     def on_stored(self, record: Record, *, job: Job, created: bool) -> None:
         self.jobs.labels(self.worker, record.status).inc()
-        if record.error is not None and record.error.code == "poison":
-            self.poison.labels(self.worker).inc()
+        if record.error is not None:
+            self.job_errors.labels(self.worker, record.error.code).inc()
+            if record.error.code == "poison":
+                self.poison.labels(self.worker).inc()
+        if created:  # a record found already stored was timed by the worker that made it
+            if record.fetch_ms is not None:
+                self.fetch.labels(self.worker).observe(record.fetch_ms / 1000)
+            self.store.labels(self.worker).observe(seconds_since(record.finished_at))
 
     def on_retried(self, job: Job, error: VQAError, delay_s: float) -> None:
         self.retries.labels(self.worker).inc()
@@ -73,6 +112,53 @@ class WorkerMetrics(Hook):
         if report.generate_s > self._slowest_s:  # on_batch runs on the writer thread only
             self._slowest_s = report.generate_s
             self.slowest_batch.labels(self.worker).set(report.generate_s)
+        self.inference.labels(self.worker).observe(report.generate_s)
+        self.batch_size.labels(self.worker).observe(report.size)
+        if report.padded_tokens:
+            self.padding_efficiency.labels(self.worker).observe(report.real_tokens / report.padded_tokens)
+        self.prompt_tokens.labels(self.worker).inc(report.real_tokens)
+        self.padded_tokens.labels(self.worker).inc(report.padded_tokens)
+        for seconds in report.preprocess_s:
+            self.preprocess.labels(self.worker).observe(seconds)
+
+
+_WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600)
+_STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_INFER_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+
+MemoryReader = Callable[[], tuple[int, int]]
+
+
+def cuda_memory_reader(device: Any) -> MemoryReader | None:
+    """(allocated, reserved) bytes of ``device`` from torch's caching allocator; None where it is no CUDA device."""
+    if getattr(device, "type", str(device).split(":")[0]) != "cuda":
+        return None
+    import torch  # only on a worker that already has it loaded
+
+    def read() -> tuple[int, int]:
+        return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+
+    return read
+
+
+class GpuMemoryCollector(Collector):
+    """GPU memory the model's process holds, read at scrape time: what torch allocated and what its allocator reserved."""
+
+    def __init__(self, *, worker: str, read: MemoryReader) -> None:
+        self.worker = worker
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        allocated, reserved = self.read()
+        for name, doc, value in (
+            ("vqa_gpu_memory_allocated_bytes", "GPU memory held by tensors (torch.cuda.memory_allocated).", allocated),
+            ("vqa_gpu_memory_reserved_bytes", "GPU memory reserved by torch's caching allocator (torch.cuda.memory_reserved).", reserved),
+        ):
+            family = GaugeMetricFamily(name, doc, labels=["worker"])
+            family.add_metric([self.worker], value)
+            yield family
 
 
 class LedgerCollector(Collector):
@@ -87,6 +173,7 @@ class LedgerCollector(Collector):
         yield self._counter("vqa_messages_acked", "Messages acknowledged after their record was stored.", led.acked)
         yield self._counter("vqa_messages_requeued", "Messages handed back to the queue.", led.requeued)
         yield self._counter("vqa_duplicate_deliveries", "Deliveries of a job this worker already held.", led.duplicate_deliveries)
+        yield self._counter("vqa_messages_restored", "Messages this worker's restore step put back on the queue.", led.restored)
         hold = GaugeMetricFamily("vqa_max_hold_seconds", "Longest a message stayed unacknowledged here.", labels=["worker"])
         hold.add_metric([self.worker], led.max_hold_s)
         yield hold
@@ -100,21 +187,23 @@ class LedgerCollector(Collector):
 Health = Callable[[], tuple[bool, dict[str, Any]]]
 
 
-def serve_metrics(port: int, *, registry: CollectorRegistry, health: Health | None = None) -> WSGIServer:
+def serve_metrics(port: int, *, registry: CollectorRegistry, health: Health | None = None, ready: Health | None = None) -> WSGIServer:
     """Start the HTTP endpoint on ``port`` (all interfaces) in a daemon thread; returns the server."""
-    app = endpoint_app(make_wsgi_app(registry), health)
+    app = endpoint_app(make_wsgi_app(registry), health, ready)
     server = make_server("", port, app, _ThreadingServer, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="vqa-metrics", daemon=True).start()
     return server
 
 
-def endpoint_app(metrics_app: Any, health: Health | None) -> Any:
-    """The WSGI app: ``/healthz`` from ``health``, everything else from prometheus_client."""
+def endpoint_app(metrics_app: Any, health: Health | None, ready: Health | None = None) -> Any:
+    """The WSGI app: ``/healthz`` from ``health``, ``/readyz`` from ``ready``, everything else from prometheus_client."""
+    probes = {path: probe for path, probe in (("/healthz", health), ("/readyz", ready)) if probe is not None}
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") != "/healthz" or health is None:
+        probe = probes.get(environ.get("PATH_INFO", ""))
+        if probe is None:
             return metrics_app(environ, start_response)  # type: ignore[no-any-return]
-        healthy, report = health()
+        healthy, report = probe()
         body = json.dumps(report).encode()
         start_response("200 OK" if healthy else "503 Service Unavailable",
                        [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])

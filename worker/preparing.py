@@ -49,7 +49,7 @@ class JobPreparer:
         except VQAError as exc:
             return Prepared(error=exc)
         except Exception as exc:  # noqa: BLE001 - one bad image must not escape into the loop
-            log.exception("unexpected error preparing job %s", job.job_id)
+            log.exception("unexpected error preparing job %s", job.job_id, extra={"job_id": job.job_id})
             return Prepared(error=PermanentError(f"could not prepare the job: {type(exc).__name__}", code="internal_error"))
 
     def _prepare(self, job: Job) -> Prepared:
@@ -61,17 +61,23 @@ class JobPreparer:
         except StorageUnavailable as exc:
             # The lookup is a shortcut: an S3 outage must not use up the job's attempts. The
             # conditional create still keeps the first record; storing waits for S3 to return.
-            log.warning("job %s: cannot check for an existing record (%s); running it", job.job_id, exc)
+            log.warning("job %s: cannot check for an existing record (%s); running it", job.job_id, exc, extra={"job_id": job.job_id})
             existing = None
         except CorruptRecord as exc:
             # Running it again could not store an answer there: fail it, saying why (the object is kept).
-            log.error("job %s: %s", job.job_id, exc)
+            log.error("job %s: %s", job.job_id, exc, extra={"job_id": job.job_id})
             return Prepared(error=exc)
         if existing is not None:
             return Prepared(existing=existing)
         earlier = self.counters.earlier_deliveries(job.job_id)
         start = time.perf_counter()
         image = fetch_image(job.image_url, self.policy, s3_client=self.s3_client)
-        fetch_ms = (time.perf_counter() - start) * 1000
+        fetched = time.perf_counter()
         inputs = self.engine.prepare(image, job.question)
-        return Prepared(inputs=inputs, cost=self.engine.cost(inputs), fetch_ms=fetch_ms, earlier_deliveries=earlier)
+        return Prepared(
+            inputs=inputs,
+            cost=self.engine.cost(inputs),
+            fetch_ms=(fetched - start) * 1000,
+            preprocess_ms=(time.perf_counter() - fetched) * 1000,
+            earlier_deliveries=earlier,
+        )

@@ -159,7 +159,7 @@ class BatchRunner:
                 error = PoisonJob(
                     f"delivered {pending.deliveries} times without finishing (limit {self.settings.max_deliveries}); quarantined"
                 )
-                log.error("job %s: %s", pending.job.job_id, error)
+                log.error("job %s: %s", pending.job.job_id, error, extra={"job_id": pending.job.job_id})
                 self._finish(finishing, pending, self._record(pending, status="failed", error=error, batch_size=batch_size))
             else:
                 runs.append((pending, count.executions))
@@ -179,7 +179,8 @@ class BatchRunner:
         elapsed = time.monotonic() - started
         self.stats.slowest_batch_s = max(self.stats.slowest_batch_s, elapsed)
         finishing.survived.extend(pending.job.job_id for pending, _ in runs)
-        costs = [(pending.prepared or Prepared()).cost for pending, _ in runs]
+        prepared = [pending.prepared or Prepared() for pending, _ in runs]
+        costs = [item.cost for item in prepared]
         finishing.reports.append(
             BatchReport(
                 size=len(runs),
@@ -189,6 +190,9 @@ class BatchRunner:
                 executions=len(runs),
                 duplicate_executions=duplicates,
                 oom_splits=self.stats.oom_splits - splits_before,
+                batch_id=f"{self.worker_name}-{self.stats.batches}",
+                job_ids=tuple(pending.job.job_id for pending, _ in runs),
+                preprocess_s=tuple((item.preprocess_ms or 0.0) / 1000 for item in prepared),
             )
         )
         for (pending, executions), result in zip(runs, results, strict=True):
@@ -222,7 +226,7 @@ class BatchRunner:
         except Exception as exc:  # noqa: BLE001 - isolate whatever broke; the error is kept per job
             error = exc if isinstance(exc, VQAError) else PermanentError(f"model failed: {type(exc).__name__}: {exc}", code="model_error")
             if len(items) == 1:
-                log.warning("job %s failed in the model: %s", items[0].job.job_id, error)
+                log.warning("job %s failed in the model: %s", items[0].job.job_id, error, extra={"job_id": items[0].job.job_id})
                 return [_Answered(error, None, 1)]
             if isinstance(error, OutOfMemory):
                 self.stats.oom_splits += 1
@@ -248,7 +252,8 @@ class BatchRunner:
         if isinstance(error, TransientError) and pending.attempt < self.settings.max_attempts:
             self.stats.retries += 1
             delay = _backoff(pending.attempt)
-            log.info("job %s: %s (%s); retry %d in %.1f s", pending.job.job_id, error.code, error, pending.attempt + 1, delay)
+            log.info("job %s: %s (%s); retry %d in %.1f s", pending.job.job_id, error.code, error, pending.attempt + 1, delay,
+                     extra={"job_id": pending.job.job_id})
             finishing.outcomes.append(Outcome(pending, "retry", delay_s=delay, error=error))
             return
         self._finish(finishing, pending, self._record(pending, status="failed", error=error, batch_size=batch_size))
@@ -282,12 +287,14 @@ class BatchRunner:
         if finishing.survived:
             self.counters.survived(finishing.survived)
         wait(finishing.status_writes)
+        # Before the stores: a hook that correlates jobs with their batch (worker/joblog.py) knows
+        # the batch by the time each job's on_stored comes.
+        for report in finishing.reports:
+            self.hooks.on_batch(report)
         placeholders = [placeholder for placeholder, _ in finishing.to_store]
         results = self._store_pool.map(lambda item: self._store(item[0].pending, item[1]), finishing.to_store)
         for placeholder, stored in zip(placeholders, results, strict=True):
             placeholder.action, placeholder.record = stored.action, stored.record
-        for report in finishing.reports:
-            self.hooks.on_batch(report)
         return finishing.outcomes
 
     def _store(self, pending: Pending, record: Record) -> Outcome:
@@ -302,14 +309,14 @@ class BatchRunner:
             try:
                 stored = self._persist(pending, record)
             except PermanentError as exc:
-                log.error("job %s: %s", job_id, exc)
+                log.error("job %s: %s", job_id, exc, extra={"job_id": job_id})
                 stored = self._persist(pending, self._record(pending, status="failed", error=exc, batch_size=record.batch_size))
             self.hooks.on_stored(stored.record, job=pending.job, created=stored.created)
         except TransientError as exc:
-            log.warning("job %s: giving its message back, record not stored: %s", job_id, exc)
+            log.warning("job %s: giving its message back, record not stored: %s", job_id, exc, extra={"job_id": job_id})
             return Outcome(pending, "requeue")
         except Exception:  # noqa: BLE001 - one job's surprise must not strand its batch
-            log.exception("job %s: storing its record failed unexpectedly; giving its message back", job_id)
+            log.exception("job %s: storing its record failed unexpectedly; giving its message back", job_id, extra={"job_id": job_id})
             return Outcome(pending, "requeue")
         with self._stats_lock:  # complete() runs this on several threads
             if stored.record.status == "succeeded":
@@ -343,7 +350,7 @@ class BatchRunner:
             except TransientError as exc:
                 if self.stopping.is_set():
                     raise
-                log.warning("storing job %s in %s failed (%s); retrying in %.1f s", job_id, where, exc, delay)
+                log.warning("storing job %s in %s failed (%s); retrying in %.1f s", job_id, where, exc, delay, extra={"job_id": job_id})
                 self._sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, _STORE_BACKOFF_CAP_S)
 

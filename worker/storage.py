@@ -80,7 +80,7 @@ class RecordStore:
                 # 412, yet nothing there: the competing write is not visible yet (or was undone).
                 # Acking now would leave the job with no record at all.
                 raise StorageUnavailable(f"S3 refused to create {key} but holds no readable record yet")
-            log.info("job %s already had a record; keeping the first", record.job_id)
+            log.info("job %s already had a record; keeping the first", record.job_id, extra={"job_id": record.job_id})
             return Stored(winner, created=False)
         self._delete_quietly(keys.failed_key(self.prefix, record.job_id))
         return Stored(record, created=True)
@@ -100,7 +100,7 @@ class RecordStore:
             if winner is None:
                 return Stored(record, created=True)
             self._delete_quietly(key)
-        log.info("job %s already succeeded elsewhere; its failure here is dropped", record.job_id)
+        log.info("job %s already succeeded elsewhere; its failure here is dropped", record.job_id, extra={"job_id": record.job_id})
         return Stored(winner, created=False)
 
     def _readable_success(self, job_id: str) -> Record | None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -14,11 +12,12 @@ import pytest
 
 from producer.client import VQAClient
 from worker.dev.services import WorkerProcess, free_port
-from worker.health import LOOP_STALE_S, Progress, check
+from worker.health import LOOP_STALE_S, Progress, Readiness, check
 from worker.ledger import LedgerStats
 from worker.metrics import WorkerMetrics, serve_metrics
 from worker.runner import BatchStats
 from tests.support.consumer import FakeChannel, NoCancels
+from tests.support.http import get
 from tests.support.images import SIZES
 
 HEALTHY = Progress(loop_age_s=0.1, model_thread_alive=True, writer_thread_alive=True, broker_reachable=True,
@@ -47,13 +46,6 @@ def test_each_stuck_part_makes_it_unhealthy_and_is_named(change: dict[str, Any],
     assert len(report["problems"]) == 1 and problem in report["problems"][0]
 
 
-def _get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
 
 def test_the_endpoint_serves_healthz_beside_the_metrics() -> None:
     state = {"healthy": True}
@@ -65,11 +57,11 @@ def test_the_endpoint_serves_healthz_beside_the_metrics() -> None:
     metrics = WorkerMetrics(worker="w1", ledger=LedgerStats(acked=4))
     server = serve_metrics(port, registry=metrics.registry, health=health)
     try:
-        assert _get(f"http://127.0.0.1:{port}/healthz") == (200, b'{"status": "ok"}')
+        assert get(f"http://127.0.0.1:{port}/healthz") == (200, b'{"status": "ok"}')
         state["healthy"] = False
-        status, body = _get(f"http://127.0.0.1:{port}/healthz")
+        status, body = get(f"http://127.0.0.1:{port}/healthz")
         assert status == 503 and json.loads(body) == {"status": "unhealthy"}
-        status, body = _get(f"http://127.0.0.1:{port}/metrics")
+        status, body = get(f"http://127.0.0.1:{port}/metrics")
         assert status == 200 and b'vqa_messages_acked_total{worker="w1"} 4.0' in body
     finally:
         server.shutdown()
@@ -88,7 +80,7 @@ def test_a_real_worker_reports_healthy_while_it_answers_jobs(
     client = client_for(env)
     job_id = client.submit(f"{image_base_url}/{sorted(SIZES)[0]}", "Is it healthy?")
     assert client.wait(job_id, timeout=60).status == "succeeded"
-    status, body = _get(f"http://127.0.0.1:{port}/healthz")
+    status, body = get(f"http://127.0.0.1:{port}/healthz")
     report = json.loads(body)
     assert status == 200 and report["status"] == "ok", report
     assert report["loop_age_s"] < 5 and report["model_thread_alive"] and report["writer_thread_alive"]
@@ -108,3 +100,38 @@ def test_a_consumer_not_yet_running_is_not_healthy() -> None:
     healthy, report = check(consumer.progress(), visibility_timeout=60)
     assert not healthy and "consumer loop not started" in report["problems"]
     assert "model thread is not running" in report["problems"]
+
+
+def test_readiness_follows_the_phases_and_liveness_holds_while_starting() -> None:
+    readiness = Readiness()
+    progress = {"now": replace(HEALTHY, loop_age_s=None)}
+    readiness.watch(lambda: progress["now"])
+    for phase in ("loading", "warming"):
+        if phase == "warming":
+            readiness.advance("warming", model_load_s=4.2)
+        ready, report = readiness.readiness(visibility_timeout=60)
+        assert not ready and report["phase"] == phase and report["problems"] == [f"worker is {phase}"]
+        alive, report = readiness.liveness(visibility_timeout=60)
+        assert alive and report["phase"] == phase  # a long model load is no reason to restart
+    readiness.advance("ready")
+    ready, report = readiness.readiness(visibility_timeout=60)
+    assert not ready and "consumer loop not started" in report["problems"]  # ready only once the loop runs
+    progress["now"] = HEALTHY
+    ready, report = readiness.readiness(visibility_timeout=60)
+    assert ready and report["status"] == "ready" and report["model_load_s"] == 4.2
+    progress["now"] = replace(HEALTHY, model_thread_alive=False)
+    assert readiness.readiness(visibility_timeout=60)[0] is False and readiness.liveness(visibility_timeout=60)[0] is False
+    readiness.advance("stopping")
+    assert readiness.readiness(visibility_timeout=60)[0] is False and readiness.liveness(visibility_timeout=60)[0] is True
+
+
+def test_the_endpoint_serves_readyz_apart_from_healthz() -> None:
+    port = free_port()
+    server = serve_metrics(port, registry=WorkerMetrics(worker="w1", ledger=LedgerStats()).registry,
+                           health=lambda: (True, {"status": "ok"}), ready=lambda: (False, {"status": "not ready"}))
+    try:
+        assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+        assert get(f"http://127.0.0.1:{port}/readyz") == (503, b'{"status": "not ready"}')
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import http.server
 import os
+import re
 import shutil
 import signal
 import socket
@@ -152,21 +153,28 @@ def image_server(directory: Path, *, delay_s: float = 0.0) -> Iterator[str]:
         server.server_close()
 
 
+# What a worker says once it consumes: the line it prints, its log line in text or JSON format.
+READY_LINE = re.compile(r"worker (\S+) ready\b")
+
+
 @dataclass
 class WorkerProcess:
-    """``vqa worker`` as a separate OS process, exactly as an operator runs it."""
+    """``vqa worker`` as a separate OS process, exactly as an operator runs it (``args``: e.g. ``--processes 2``)."""
 
     env: Mapping[str, str]
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    args: tuple[str, ...] = ()
+    ready_workers: int = 1  # start() returns once this many workers said they are ready
 
     def start(self, *, ready_timeout: float = 120.0) -> WorkerProcess:
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker"], env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", *self.args], env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
-            if "ready" in self._log_text():
+            if len(self.ready_names()) >= self.ready_workers:
                 return self
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self._log_text()[-4000:]}")
@@ -175,6 +183,10 @@ class WorkerProcess:
 
     def _log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def ready_names(self) -> set[str]:
+        """Names of the workers that said they are ready, so far (a supervisor's children each say it)."""
+        return set(READY_LINE.findall(self._log_text()))
 
     @property
     def log(self) -> str:
