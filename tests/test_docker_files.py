@@ -36,7 +36,8 @@ ENV_EXAMPLE = DOCKER / ".env.example"
 DOCKERFILE = DOCKER / "Dockerfile.worker"
 
 WORKERS = ("worker-gpu0", "worker-gpu1")
-SERVICES = ("redis", "minio", "minio-init", *WORKERS, "flower")
+SERVICES = ("redis", "minio", "minio-init", *WORKERS, "flower", "exporter", "prometheus")
+PROMETHEUS_CONFIG = DOCKER / "prometheus.yml"
 
 
 # --------------------------------------------------------------------------- compose loading
@@ -522,3 +523,42 @@ def test_hadolint_finds_nothing() -> None:
         timeout=30,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------- issue 13: password, Prometheus, exporter
+
+
+def test_redis_requires_the_password_every_client_uses(services: dict[str, dict[str, Any]]) -> None:
+    command = _command(services["redis"])
+    password = command[command.index("--requirepass") + 1]
+    assert password and _env(services["redis"])["REDISCLI_AUTH"] == password  # the healthcheck's redis-cli logs in
+    urls = [_env(services[name])[key] for name in WORKERS for key in ("VQA_BROKER_URL", "VQA_RESULT_BACKEND")]
+    urls.append(_env(services["exporter"])["VQA_BROKER_URL"])
+    urls += [part.split("=", 1)[1] for part in _command(services["flower"]) if part.startswith("--broker=")]
+    assert len(urls) == 2 * len(WORKERS) + 2
+    for url in urls:
+        parts = urlsplit(url)
+        assert (parts.hostname, parts.password) == ("redis", password), url
+
+
+def test_prometheus_scrapes_every_worker_and_the_exporter(compose: dict[str, Any], services: dict[str, dict[str, Any]]) -> None:
+    prometheus = services["prometheus"]
+    options = dict(part[2:].split("=", 1) for part in _command(prometheus) if part.startswith("--") and "=" in part)
+    mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in prometheus["volumes"]}
+    assert (DOCKER / mounts[options["config.file"]]).resolve() == PROMETHEUS_CONFIG
+    assert mounts[options["storage.tsdb.path"]] in compose["volumes"]
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    targets = {target for job in config["scrape_configs"] for static in job["static_configs"] for target in static["targets"]}
+    expected = {f"{name}:{_env(services[name])['VQA_METRICS_PORT']}" for name in services if name.startswith("worker-gpu")}
+    exporter = _command(services["exporter"])
+    assert exporter[0] == "exporter"
+    expected.add(f"exporter:{exporter[exporter.index('--port') + 1]}")
+    assert targets == expected
+    assert any(port.endswith(":9090") and port.startswith("127.0.0.1:") for port in prometheus["ports"])
+
+
+def test_the_exporter_reads_the_workers_queue(services: dict[str, dict[str, Any]]) -> None:
+    env = _env(services["exporter"])
+    assert env["VQA_QUEUE"] == _env(services[WORKERS[0]])["VQA_QUEUE"]
+    assert services["exporter"]["image"] == services[WORKERS[0]]["image"]
+    assert services["exporter"]["depends_on"]["redis"]["condition"] == "service_healthy"
