@@ -16,6 +16,7 @@ from producer.settings import Settings
 from worker.cancels import CancelCheck
 from worker.consumer import BatchingConsumer
 from worker.counters import JobCounters
+from worker.engine import Engine
 from worker.fetch.images import FetchPolicy, install_pillow_warning_filter
 from worker.health import Readiness
 from worker.hooks import Hooks, WorkerInfo
@@ -35,8 +36,12 @@ def default_worker_name(settings: Settings) -> str:
     return settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
 
 
-def run_worker(settings: Settings) -> None:
-    """Load the model, then consume until a signal asks us to stop. Blocks."""
+def run_worker(settings: Settings, *, engine: Engine | None = None, s3_client: Any = None) -> None:
+    """Load the model, then consume until a signal asks us to stop. Blocks.
+
+    ``engine`` and ``s3_client`` replace the model and the S3 client made from the settings;
+    only bench/scale.py passes them (a stand-in engine, to measure the queue at scale).
+    """
     worker_name = default_worker_name(settings)
     stopping = threading.Event()
     readiness = Readiness()
@@ -55,21 +60,23 @@ def run_worker(settings: Settings) -> None:
     # Up before the model loads: probes see "loading" rather than a refused connection.
     registry = _serve_endpoint(settings, readiness)
 
-    # Heavy imports happen here, at start, never when the package is imported.
-    from worker.model import VQAModel
-
     started = time.perf_counter()
-    engine = VQAModel.load(settings)
+    if engine is None:
+        # Heavy imports happen here, at start, never when the package is imported.
+        from worker.model import VQAModel
+
+        engine = VQAModel.load(settings)
     load_s = time.perf_counter() - started
-    log.info("loaded %s (%s) on %s in %.1f s", engine.name, settings.quantization, engine.device, load_s)
+    device = getattr(engine, "device", "cpu")
+    log.info("loaded %s (%s) on %s in %.1f s", engine.name, engine.quantization, device, load_s)
     readiness.advance("warming", model_load_s=round(load_s, 3))
     warm_s = warm_up(engine, batch_size=settings.max_batch_size)
     log.info("warm-up batch of %d ran in %.2f s", settings.max_batch_size, warm_s)
     readiness.advance("warming", warmup_s=round(warm_s, 3))
-    real_before, padded_before = engine.real_tokens, engine.padded_tokens  # the warm-up's, left out of the last line
+    real_before, padded_before = _padding(engine)  # the warm-up's, left out of the last line
 
     app = make_celery(settings)
-    s3 = make_s3_client(settings)
+    s3 = s3_client if s3_client is not None else make_s3_client(settings)
     store = RecordStore(settings, s3_client=s3, app=app)
     jobs_redis = redis_client(settings.broker_url)
     counters = JobCounters(jobs_redis)
@@ -88,7 +95,7 @@ def run_worker(settings: Settings) -> None:
 
         metrics = WorkerMetrics(worker=worker_name, ledger=consumer.ledger.stats, registry=registry)
         metrics.model_loaded(load_s)
-        gpu_memory = cuda_memory_reader(engine.device)
+        gpu_memory = cuda_memory_reader(device)
         if gpu_memory is not None:
             metrics.watch_gpu_memory(gpu_memory)
         hooks.add(metrics)
@@ -110,7 +117,13 @@ def run_worker(settings: Settings) -> None:
         hooks.on_worker_stop()
     log.info("worker %s stopped: %d done, %d failed, %d batches", worker_name, runner.stats.jobs_done, runner.stats.jobs_failed, runner.stats.batches)
     # bench/ reads this line.
-    log.info("padding: %d real / %d padded prompt tokens", engine.real_tokens - real_before, engine.padded_tokens - padded_before)
+    real, padded = _padding(engine)
+    log.info("padding: %d real / %d padded prompt tokens", real - real_before, padded - padded_before)
+
+
+def _padding(engine: Engine) -> tuple[int, int]:
+    """The Hugging Face engine's prompt-token counters (another engine may keep none)."""
+    return getattr(engine, "real_tokens", 0), getattr(engine, "padded_tokens", 0)
 
 
 def _serve_endpoint(settings: Settings, readiness: Readiness) -> CollectorRegistry | None:
