@@ -138,7 +138,7 @@ def enqueue_rates(redis_url: str, *, jobs: int) -> dict[str, Any]:
             start = time.perf_counter()
             run(client, prepared)
             seconds = time.perf_counter() - start
-        queued = broker.llen("vqa")
+        queued = sum(broker.llen(key) for key in keys.priority_queue_keys("vqa"))
         if queued != jobs:
             raise RuntimeError(f"{label}: {queued} of {jobs} messages queued")
         results[label] = {"seconds": round(seconds, 3), "jobs_per_s": round(jobs / seconds, 1)}

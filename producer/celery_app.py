@@ -1,10 +1,19 @@
-"""The Celery application both sides share: JSON only, late acks, Redis visibility timeout from settings."""
+"""The Celery application both sides share: JSON only, late acks, Redis visibility timeout from settings.
+
+``make_celery(settings)`` is what our own code calls, with the settings it was given. For
+Celery's own tools the module also provides ``app`` (``celery -A producer.celery_app inspect
+ping``, ``celery -A producer.celery_app flower``): built from the ``VQA_*`` environment the
+first time it is read, not at import (a module ``__getattr__``), and the same object after that.
+"""
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 from celery import Celery
 
-from producer.keys import TASK_NAME
+from producer.keys import DEFAULT_PRIORITY, TASK_NAME
 from producer.settings import Settings
 
 
@@ -24,7 +33,9 @@ def make_celery(settings: Settings) -> Celery:
         accept_content=["json"],
         result_accept_content=["json"],
         task_default_queue=settings.queue,
-        task_routes={TASK_NAME: {"queue": settings.queue}},
+        # Celery's own send_task of our task without a priority lands in the "default" lane
+        # (producer/keys.py PRIORITIES): a route's priority applies where the caller gives none.
+        task_routes={TASK_NAME: {"queue": settings.queue, "priority": DEFAULT_PRIORITY}},
         task_acks_late=True,
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
@@ -57,3 +68,18 @@ def _sign_messages(app: Celery, settings: Settings) -> None:
         digest=settings.security_digest,
         serializer="json",
     )
+
+
+_app: Celery | None = None
+_app_lock = threading.Lock()
+
+
+def __getattr__(name: str) -> Any:
+    """``app``: the Celery app of the ``VQA_*`` settings, built at first use (Celery's ``find_app`` reads ``module.app``)."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    global _app
+    with _app_lock:
+        if _app is None:
+            _app = make_celery(Settings())
+        return _app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -19,6 +20,14 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+class Priority(str, Enum):
+    """The lanes of producer/keys.py PRIORITIES (typer shows them as the choices)."""
+
+    high = "high"
+    default = "default"
+    low = "low"
 
 
 def _settings() -> Settings:
@@ -64,6 +73,7 @@ def submit(
     deadline: Annotated[str | None, typer.Option("--deadline", help="ISO 8601 time with a zone; not started by then, the job ends as expired.")] = None,
     expires_in: Annotated[str | None, typer.Option("--expires-in", help="Like --deadline, from now: 90s, 15m, 24h, 7d.")] = None,
     webhook: Annotated[str | None, typer.Option("--webhook", help="URL called (signed) once the job's record is stored.")] = None,
+    priority: Annotated[Priority, typer.Option("--priority", help="Lane: high jobs are taken before default ones, default before low.")] = Priority.default,
     wait: Annotated[bool, typer.Option("--wait", help="Wait and print the result record; exit 1 if the job failed.")] = False,
     timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds to wait with --wait.")] = None,
 ) -> None:
@@ -79,6 +89,7 @@ def submit(
             deadline=deadline,
             expires_in=expires_in,
             webhook_url=webhook,
+            priority=priority.value,
         )
         if not wait:
             typer.echo(job_id)
@@ -100,6 +111,7 @@ def submit(
 @app.command("submit-many")
 def submit_many(
     path: Annotated[Path, typer.Argument(help="JSON Lines file: one {\"image_url\", \"question\", ...} object per line; '-' for stdin.")],
+    priority: Annotated[Priority, typer.Option("--priority", help="Lane of every job: high, default or low.")] = Priority.default,
 ) -> None:
     """Validate every line, then enqueue them all (nothing is enqueued if any line is invalid). Prints one id per line."""
     settings = _settings()
@@ -123,7 +135,7 @@ def submit_many(
                 problems.append(f"line {number}: {exc}")
         if problems:
             _fail("; ".join(problems), code=2)
-        ids = client.submit_jobs(jobs)
+        ids = client.submit_jobs(jobs, priority=priority.value)
     except VQAError as exc:
         _fail(str(exc))
     finally:

@@ -20,6 +20,7 @@ from producer import keys, messages
 from producer.celery_app import make_celery
 from producer.connections import redis_client
 from producer.errors import BackendUnavailable, CorruptRecord, InvalidJob, JobFailed, StorageUnavailable
+from producer.revokes import write_revokes
 from producer.schema import GenerationSettings, Job, Record, derive_job_id, parse_duration, parse_record, parse_time, utcnow
 from producer.settings import Settings
 
@@ -112,11 +113,16 @@ class VQAClient:
 
     # -- submitting -------------------------------------------------------------------------
 
-    def submit(self, image_url: str, question: str, **options: Any) -> str:
-        """Enqueue one job and return its id at once. Re-submitting the same job returns the same id."""
-        return self.submit_jobs([self.build_job(image_url, question, **options)])[0]
+    def submit(self, image_url: str, question: str, *, priority: str = "default", **options: Any) -> str:
+        """Enqueue one job and return its id at once. Re-submitting the same job returns the same id.
 
-    def submit_many(self, requests: Iterable[Mapping[str, Any]]) -> list[str]:
+        ``priority`` is the job's lane: ``"high"``, ``"default"`` or ``"low"`` (Celery priorities
+        0, 3 and 6 on the Redis transport; see the README's operations section). ``options`` are
+        :meth:`build_job`'s.
+        """
+        return self.submit_jobs([self.build_job(image_url, question, **options)], priority=priority)[0]
+
+    def submit_many(self, requests: Iterable[Mapping[str, Any]], *, priority: str = "default") -> list[str]:
         """Validate every request first; enqueue only if all are valid.
 
         Each request is a mapping with ``image_url``, ``question`` and optionally
@@ -134,7 +140,7 @@ class VQAClient:
                 problems.append(f"line {line}: {exc}")
         if problems:
             raise InvalidJob("; ".join(problems))
-        return self.submit_jobs(jobs)
+        return self.submit_jobs(jobs, priority=priority)
 
     def build_request(self, request: Mapping[str, Any]) -> Job:
         """Validate one request mapping as :meth:`submit_many` takes them; raise :class:`InvalidJob`."""
@@ -143,14 +149,18 @@ class VQAClient:
         except TypeError as exc:  # e.g. "generation" that is no mapping
             raise InvalidJob(str(exc)) from exc
 
-    def submit_jobs(self, jobs: list[Job]) -> list[str]:
-        """Enqueue already-built jobs, skipping those that are finished or already queued."""
+    def submit_jobs(self, jobs: list[Job], *, priority: str = "default") -> list[str]:
+        """Enqueue already-built jobs in the ``priority`` lane, skipping those that are finished or already queued.
+
+        A job already queued keeps the lane it was queued in.
+        """
+        celery_priority = _celery_priority(priority)
         if not jobs:
             return []
-        self._publish_unqueued(jobs)
+        self._publish_unqueued(jobs, celery_priority)
         return [job.job_id for job in jobs]
 
-    def _publish_unqueued(self, jobs: list[Job]) -> None:
+    def _publish_unqueued(self, jobs: list[Job], priority: int) -> None:
         """Publish the jobs that have no success record and are not queued yet, claimed for publishing by us.
 
         Only a "queued" claim (set once the publish returned) makes a resubmission a no-op. A
@@ -178,7 +188,7 @@ class VQAClient:
                 mine, contested = mine + contested, []  # still contested after a claim's lifetime: publish anyway
             if mine:
                 self._forget_earlier_outcome(mine)
-                self._publish(mine)
+                self._publish(mine, priority)
                 self._mark_queued(mine)
                 if log.isEnabledFor(logging.INFO):  # where a job's trail in the logs starts (producer/logs.py)
                     for job in mine:
@@ -237,14 +247,14 @@ class VQAClient:
                 done.add(job_id)
         return done
 
-    def _publish(self, jobs: list[Job]) -> None:
+    def _publish(self, jobs: list[Job], priority: int) -> None:
         # Signed messages go through Celery's own publishing, which signs each one.
         if self.settings.broker_url.startswith(messages.REDIS_SCHEMES) and not self.settings.signs_messages:
-            self._publish_pushed(jobs)
+            self._publish_pushed(jobs, priority)
         else:
-            self._publish_one_by_one(jobs)
+            self._publish_one_by_one(jobs, priority)
 
-    def _publish_pushed(self, jobs: list[Job]) -> None:
+    def _publish_pushed(self, jobs: list[Job], priority: int) -> None:
         """LPUSH ready-made task messages, :data:`messages.CHUNK` per command (see producer/messages.py)."""
         if self._messages is None:
             prefix = (self.app.conf.broker_transport_options or {}).get("global_keyprefix", "")
@@ -254,7 +264,8 @@ class VQAClient:
             for start in range(0, len(jobs), messages.CHUNK):
                 chunk = jobs[start : start + messages.CHUNK]
                 # One LPUSH of many values is one atomic command, and keeps FIFO order (BRPOP takes the first pushed first).
-                self._redis.lpush(self._messages.key, *(self._messages.encode(job) for job in chunk))
+                encoded = [self._messages.encode(job, priority=priority) for job in chunk]
+                self._redis.lpush(self._messages.key_for(priority), *encoded)
                 published += len(chunk)
         except redis.RedisError as exc:
             # Not enqueued: free the claims so a retry of the submission goes through.
@@ -269,7 +280,7 @@ class VQAClient:
         except redis.RedisError:
             pass  # they expire with their TTL
 
-    def _publish_one_by_one(self, jobs: list[Job]) -> None:
+    def _publish_one_by_one(self, jobs: list[Job], priority: int) -> None:
         """Any other broker: Celery's own publishing, one message per call."""
         try:
             with self.app.producer_or_acquire() as producer:
@@ -281,6 +292,7 @@ class VQAClient:
                         queue=self.settings.queue,
                         producer=producer,
                         expires=job.deadline,
+                        priority=priority,
                     )
         except OperationalError as exc:
             self._release_claims(jobs)
@@ -297,14 +309,8 @@ class VQAClient:
         worker runs and reaches workers started later (worker/cancels.py).
         """
         ids = [job_ids] if isinstance(job_ids, str) else list(job_ids)
-        if not ids:
-            return
-        marker = json.dumps({"at": utcnow().isoformat(timespec="seconds"), "by": "VQAClient.cancel"})
         try:
-            pipe = self._redis.pipeline(transaction=False)
-            for job_id in ids:
-                pipe.set(keys.revoked_key(job_id), marker, ex=self.settings.revoke_ttl_s)
-            pipe.execute()
+            write_revokes(self._redis, ids, ttl_s=self.settings.revoke_ttl_s, by="VQAClient.cancel")
         except redis.RedisError as exc:
             raise BackendUnavailable(f"cannot reach Redis to cancel jobs: {type(exc).__name__}") from exc
 
@@ -399,6 +405,14 @@ def _generation(
     if max_new_tokens is not None:
         values["max_new_tokens"] = max_new_tokens
     return GenerationSettings.model_validate(values)
+
+
+def _celery_priority(priority: str) -> int:
+    """The Celery priority of a lane name (producer/keys.py PRIORITIES); InvalidJob for anything else."""
+    try:
+        return keys.PRIORITIES[priority]
+    except (KeyError, TypeError):
+        raise InvalidJob(f"priority must be one of {', '.join(keys.PRIORITIES)}, not {str(priority)[:40]!r}") from None
 
 
 def _request_kwargs(request: Mapping[str, Any]) -> dict[str, Any]:

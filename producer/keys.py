@@ -57,7 +57,21 @@ def unacked_index_key(queue: str) -> str:
 PRIORITY_STEPS = (0, 3, 6, 9)
 _PRIORITY_SEP = "\x06\x16"
 
+# Our priority lanes, as the Celery priorities they publish with: one per step, so each lane
+# is a list of its own. "default" is not 0 so that "high" can be above it; Celery's own
+# send_task through our app lands in "default" too (producer/celery_app.py routes it so), and
+# only a message with no priority at all, from some other Celery app, lands in the bare list.
+PRIORITIES = {"high": 0, "default": 3, "low": 6}
+DEFAULT_PRIORITY = PRIORITIES["default"]
+
 
 def priority_queue_keys(queue: str) -> list[str]:
     """The lists of ``queue``, one per priority step, in the order a worker serves them."""
     return [queue if step == 0 else f"{queue}{_PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
+
+
+def priority_queue_key(queue: str, priority: int) -> str:
+    """The list kombu's Redis transport puts a message of Celery priority ``priority`` (0-9) in."""
+    clamped = max(0, min(int(priority), 9))
+    step = max(step for step in PRIORITY_STEPS if step <= clamped)
+    return queue if step == 0 else f"{queue}{_PRIORITY_SEP}{step}"

@@ -9,7 +9,8 @@ the queue's list with one command, as kombu's ``Channel._put`` does one message 
 The worker's kombu consumer reads them like any other; ``tests/producer/test_messages.py``
 compares them field by field with what ``send_task`` writes.
 
-Only the default priority (0, the bare queue key) is produced, which is all our producers use.
+A message of Celery priority p goes where kombu puts it: properties.priority = p, in the list
+of p's priority step (producer/keys.py; our lanes "high", "default", "low" are 0, 3 and 6).
 """
 
 from __future__ import annotations
@@ -37,11 +38,15 @@ class TaskMessages:
 
     def __init__(self, *, queue: str, reply_to: str, key_prefix: str = "") -> None:
         self.queue = queue
-        self.key = f"{key_prefix}{queue}"  # priority 0 lives under the bare queue name
+        self.key_prefix = key_prefix
         self.reply_to = reply_to
         self.origin = anon_nodename()
 
-    def encode(self, job: Job) -> str:
+    def key_for(self, priority: int) -> str:
+        """The Redis list a message of this Celery priority is pushed to (kombu's, with the global key prefix)."""
+        return self.key_prefix + keys.priority_queue_key(self.queue, priority)
+
+    def encode(self, job: Job, *, priority: int = keys.DEFAULT_PRIORITY) -> str:
         kwargs = {"job": job.model_dump(mode="json")}
         body = dumps([[], kwargs, _EMBED])
         headers: dict[str, Any] = {
@@ -70,7 +75,7 @@ class TaskMessages:
             "reply_to": self.reply_to,
             "delivery_mode": 2,
             "delivery_info": {"exchange": "", "routing_key": self.queue},
-            "priority": 0,
+            "priority": priority,
             "body_encoding": "base64",
             "delivery_tag": str(uuid.uuid4()),
         }

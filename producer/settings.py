@@ -98,11 +98,20 @@ class Settings(BaseSettings):
     restart_backoff_s: float = Field(default=1.0, gt=0)
     restart_backoff_max_s: float = Field(default=60.0, gt=0)
 
+    # Celery's own tools (worker/control.py): answer `celery inspect` / `celery control`
+    # broadcasts (ping, stats, active, revoke, shutdown, ...) over kombu's pidbox mailbox, as
+    # `celery worker` does unless started with --without-remote-control.
+    remote_control: bool = True
+
     # Test-only fault hooks, off by default (tests/reliability uses them; see docs/reliability.md).
     # A batch larger than this raises out-of-memory.
     fault_oom_above_batch: int = Field(default=0, ge=0)
     # A batch holding a job whose question contains this marker kills the worker (os._exit(137)).
     fault_crash_on_question: str | None = Field(default=None, min_length=1)
+    # A batch holding a job whose question contains this marker keeps the model thread busy
+    # (spinning in Python, holding the GIL as a real generate loop does between kernels) this long.
+    fault_slow_on_question: str | None = Field(default=None, min_length=1)
+    fault_slow_s: float = Field(default=3.0, ge=0, le=600)
 
     @property
     def signs_messages(self) -> bool:

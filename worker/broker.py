@@ -8,7 +8,8 @@ docs/reliability.md). Here one Lua script pops up to N messages and records each
 so an accepted message is always either queued or recorded as unacked, and with
 ``appendfsync always`` it stays so across a Redis crash. Producers are unchanged: the queue is
 the lists Celery and kombu push to, one per priority step (producer/keys.py), served as kombu
-serves them: the bare queue name (priority 0-2) first, then 3-5, 6-8 and 9.
+serves them: the bare queue name (priority 0-2) first, then 3-5, 6-8 and 9 — except that every
+``LOWER_LANE_EVERY``-th pop starts from a lower list (each in turn), so no lane starves forever.
 
 Layout (key names in producer/keys.py):
 
@@ -40,14 +41,22 @@ from producer.connections import redis_client
 DEAD_LETTERS_KEPT = 10_000
 # A dead letter keeps this much of the raw entry: enough to see what it was.
 DEAD_LETTER_RAW_BYTES = 16 * 1024
+# Never starved forever: every this many pops, a worker serves a lower priority list first
+# (the lists below the top take that turn in rotation), so under a constant stream of
+# high-priority jobs each lower lane still gets a pop in every LOWER_LANE_EVERY x 3.
+LOWER_LANE_EVERY = 10
 
 # KEYS: unacked hash, unacked index, then the queue's lists in the order they are served.
+# ARGV: how many to take; which list to start from (0: the highest priority; see LOWER_LANE_EVERY).
 _POP = """
 local now = redis.call('TIME')
 local taken_at = now[1] + now[2] / 1000000
 local out = {}
-local list = 3
-while #out < tonumber(ARGV[1]) and list <= #KEYS do
+local lanes = #KEYS - 2
+local first = tonumber(ARGV[2]) or 0
+local tried = 0
+while #out < tonumber(ARGV[1]) and tried < lanes do
+  local list = 3 + (first + tried) % lanes
   local raw = redis.call('RPOP', KEYS[list])
   if raw then
     local tag = redis.sha1hex(raw)
@@ -55,7 +64,7 @@ while #out < tonumber(ARGV[1]) and list <= #KEYS do
     redis.call('ZADD', KEYS[2], taken_at, tag)
     out[#out + 1] = raw
   else
-    list = list + 1
+    tried = tried + 1
   end
 end
 return out
@@ -112,9 +121,11 @@ class Delivery:
 class RedisQueue:
     """The reliable consuming side of one Celery queue in Redis; every method is one atomic step."""
 
-    def __init__(self, client: redis.Redis, *, queue: str) -> None:
+    def __init__(self, client: redis.Redis, *, queue: str, lower_lane_every: int = LOWER_LANE_EVERY) -> None:
         self.client = client
         self.queue = queue
+        self._lower_lane_every = lower_lane_every
+        self._pops = 0
         self._keys = [keys.unacked_key(queue), keys.unacked_index_key(queue), *keys.priority_queue_keys(queue)]
         self._dead_letters = keys.dead_letters_key(queue)
         self._pop = client.register_script(_POP)
@@ -128,12 +139,24 @@ class RedisQueue:
         return cls(redis_client(url, retries=False), queue=queue)
 
     def pop(self, limit: int) -> list[Delivery]:
-        """Take up to ``limit`` messages, highest priority first and oldest first within it, each recorded as unacked in the same step."""
+        """Take up to ``limit`` messages, highest priority first and oldest first within it, each recorded as unacked in the same step.
+
+        Every ``lower_lane_every``-th call starts from a lower priority's list instead (then goes
+        on down and wraps round to the top), so lower lanes are served under a flood of higher ones.
+        """
         if limit <= 0:
             return []
-        raws = self._pop(keys=self._keys, args=[limit])
+        raws = self._pop(keys=self._keys, args=[limit, self._first_list()])
         # The tag is what the script keyed the unacked entry by.
         return [Delivery(tag=hashlib.sha1(raw).hexdigest(), raw=raw) for raw in raws]  # noqa: S324 - an id, not security
+
+    def _first_list(self) -> int:
+        """0 (the top priority first), except on every ``lower_lane_every``-th pop: then the next lower list in turn."""
+        self._pops += 1
+        if self._pops % self._lower_lane_every:
+            return 0
+        lower = len(keys.PRIORITY_STEPS) - 1
+        return 1 + (self._pops // self._lower_lane_every - 1) % lower
 
     def ack(self, tag: str) -> None:
         """The message is done with (its record is stored, or it is refused): forget it."""

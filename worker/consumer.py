@@ -25,11 +25,14 @@ Threads, and what each one owns:
       status         STARTED writes to the result backend and on_started hooks, in order
       store pool     S3 and result-backend writes and on_stored hooks, per job
     events           Celery events (worker/events.py), when VQA_SEND_EVENTS is on
+    control          Celery remote control (worker/control.py): reads the job board, writes
+                     revokes into the in-memory set (worker/cancels.py)
     metrics          the HTTP endpoint (worker/metrics.py), when VQA_METRICS_PORT is set
 
 They hand work to each other through queues (``_batches``, ``_finishing``, ``_outcomes``,
-``_ready``); the only state read across threads is counters (BatchStats, LedgerStats) and the
-health snapshot (:meth:`BatchingConsumer.progress`).
+``_ready``); the only state read across threads is counters (BatchStats, LedgerStats), the
+health snapshot (:meth:`BatchingConsumer.progress`), the job board (``board``: where each held
+job is, worker/board.py) and the in-memory revokes (``cancels.revoked``).
 """
 
 from __future__ import annotations
@@ -43,18 +46,19 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
-from producer.errors import MessageRejected
+from producer.errors import MessageRejected, VQAError
 from producer.schema import Job
 from producer.settings import Settings
 from worker import visibility
 from worker.batching import RUNNING_AND_QUEUED, MicroBatcher, prefetch_batches
+from worker.board import JobBoard
 from worker.broker import Delivery, RedisQueue
 from worker.cancels import CancelCheck
 from worker.health import Progress
 from worker.hooks import Hooks
 from worker.intake import SignatureVerifier, read_message
 from worker.jobs import Outcome, Pending, Prepared
-from worker.ledger import Ledger
+from worker.ledger import Action, Ledger
 from worker.runner import BatchRunner, Finishing
 
 log = logging.getLogger(__name__)
@@ -108,6 +112,8 @@ class BatchingConsumer:
         self._delayed: list[Pending] = []  # transient failures waiting for their retry time
         self.broker = broker or RedisQueue.from_url(settings.broker_url, queue=settings.queue)
         self.cancels = cancels
+        # Where each held job is (reserved, scheduled, active), for remote control (worker/control.py).
+        self.board = JobBoard()
         # Every unacked message, by job id; acks and hand-backs go through it (see worker/ledger.py).
         self.ledger = Ledger(self.broker, visibility_timeout=settings.visibility_timeout)
         self._loop_errors = 0  # unexpected errors in a row in the consumer loop
@@ -222,6 +228,7 @@ class BatchingConsumer:
             # settled with the first delivery's outcome instead of running the model twice.
             log.info("job %s delivered again while held; it follows the first delivery", job.job_id, extra={"job_id": job.job_id})
             return
+        self.board.reserve(job, message.properties)
         self.hooks.on_received(job, message.headers)
         self._enqueue(Pending(job=job, message=message, received_at=time.monotonic()))
 
@@ -247,18 +254,20 @@ class BatchingConsumer:
             batch = self.batcher.take(complete_only=model_busy)
             if not batch:
                 return
-            self._stop_cancelled(batch)
+            self._stop(batch, self.cancels.reasons)
             self._in_flight += 1
             self._handed += 1
             self._batches.put(batch)
 
-    def _stop_cancelled(self, batch: list[Pending]) -> None:
-        """The last look before the model: a job cancelled (or expired) while it waited in the batcher does not run.
+    def _stop(self, batch: list[Pending], check: Callable[[list[Job]], dict[str, VQAError]]) -> None:
+        """A look before the model: a job cancelled (or expired) while it waited in the batcher does not run.
 
         It stays in the batch with the reason as its error, so the runner writes its record.
+        ``check`` is ``cancels.reasons`` on the consumer thread, ``cancels.local_reasons`` (no
+        I/O) on the model thread.
         """
         waiting = [pending.job for pending in batch if pending.prepared is not None and pending.prepared.inputs is not None]
-        reasons = self.cancels.reasons(waiting) if waiting else {}
+        reasons = check(waiting) if waiting else {}
         for pending in batch:
             error = reasons.get(pending.job.job_id)
             if error is not None:
@@ -321,19 +330,34 @@ class BatchingConsumer:
                     pending.attempt += 1
                     pending.not_before = time.monotonic() + outcome.delay_s
                     self._delayed.append(pending)
+                    self.board.schedule(pending.job.job_id, delay_s=outcome.delay_s)
                     if outcome.error is not None:
                         self.hooks.on_retried(pending.job, outcome.error, outcome.delay_s)
                     continue
                 # Shutting down, a retry goes back to the queue at once (its attempt is not used up).
                 action = "ack" if outcome.action == "ack" else "requeue"
-                self.ledger.settle(pending.job.job_id, action, received_at=pending.received_at)
+                self._settle(pending.job.job_id, action, received_at=pending.received_at)
+
+    def _settle(self, job_id: str, action: Action, *, received_at: float | None = None) -> None:
+        """The job is no longer held here: its message is acked or handed back (worker/ledger.py)."""
+        self.ledger.settle(job_id, action, received_at=received_at)
+        self.board.release(job_id, acked=action == "ack")
 
     def _release_delayed(self) -> None:
+        """Jobs whose retry is due go back to the fetch stage; so do cancelled and expired ones at once.
+
+        The check is the in-memory one (no I/O): the fetch stage then reads Redis and ends them.
+        """
+        if not self._delayed:
+            return
         now = time.monotonic()
-        ready = [p for p in self._delayed if p.not_before <= now]
+        stopped = self.cancels.local_reasons([p.job for p in self._delayed if p.not_before > now])
+        ready = [p for p in self._delayed if p.not_before <= now or p.job.job_id in stopped]
         if ready:
-            self._delayed = [p for p in self._delayed if p.not_before > now]
+            going = {id(p) for p in ready}
+            self._delayed = [p for p in self._delayed if id(p) not in going]
             for pending in ready:
+                self.board.unschedule(pending.job.job_id)
                 self._enqueue(pending)
 
     def _shutdown(self) -> None:
@@ -343,7 +367,7 @@ class BatchingConsumer:
         self._delayed = []
         self._fetching.clear()
         for pending in handed_back:
-            self.ledger.settle(pending.job.job_id, "requeue")
+            self._settle(pending.job.job_id, "requeue")
         log.info("shutting down: handed back %d queued jobs", len(handed_back))
         self._batches.put(None)
         self._model_thread.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -355,7 +379,7 @@ class BatchingConsumer:
         if late:
             log.warning("%d jobs still running after %.0f s grace; handed back", len(late), self.settings.shutdown_grace_s)
         for job_id in late:
-            self.ledger.settle(job_id, "requeue")
+            self._settle(job_id, "requeue")
         self.ledger.retry_unsettled()
         if self.ledger.unsettled:
             log.warning("%d messages could not be settled (broker away); they come back after the visibility timeout", self.ledger.unsettled)
@@ -376,6 +400,9 @@ class BatchingConsumer:
             if batch is None:
                 self._finishing.put(None)
                 return
+            # The last look, without I/O: revokes received since the hand-off (worker/cancels.py).
+            self._stop(batch, self.cancels.local_reasons)
+            self.board.activate(p.job.job_id for p in batch if p.prepared is not None and p.prepared.inputs is not None and p.prepared.error is None)
             try:
                 finishing = self.runner.infer(batch)
                 self._check_visibility()

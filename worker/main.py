@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from producer.celery_app import make_celery
 from producer.connections import redis_client
 from producer.settings import Settings
-from worker.cancels import CancelCheck
+from worker.cancels import CancelCheck, RevokedSet
 from worker.consumer import BatchingConsumer
 from worker.counters import JobCounters
 from worker.engine import Engine
@@ -80,7 +80,7 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, s3_client: A
     store = RecordStore(settings, s3_client=s3, app=app)
     jobs_redis = redis_client(settings.broker_url)
     counters = JobCounters(jobs_redis)
-    cancels = CancelCheck(jobs_redis)
+    cancels = CancelCheck(jobs_redis, revoked=RevokedSet(ttl_s=settings.revoke_ttl_s))
     preparer = JobPreparer(
         engine=engine, store=store, counters=counters, cancels=cancels, policy=FetchPolicy.from_settings(settings), s3_client=s3
     )
@@ -104,6 +104,19 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, s3_client: A
 
         # Heartbeats report the jobs this worker holds, received and not yet settled.
         hooks.add(CeleryEvents(app, hostname=worker_name, active=lambda: len(consumer.ledger)))
+    if settings.remote_control:
+        from worker.control import RemoteControl
+
+        def _remote_shutdown() -> None:  # `celery control shutdown`: the warm shutdown SIGTERM starts
+            readiness.advance("stopping")
+            stopping.set()
+
+        hooks.add(
+            RemoteControl(
+                app, settings=settings, hostname=worker_name, board=consumer.board, cancels=cancels,
+                redis_client=jobs_redis, shutdown=_remote_shutdown, prefetch=consumer.prefetch,
+            )
+        )
 
     hooks.on_worker_start(WorkerInfo(name=worker_name, queue=settings.queue))
     if not stopping.is_set():

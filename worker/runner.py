@@ -237,13 +237,19 @@ class BatchRunner:
         return [_Answered(answer, infer_ms, len(items)) for answer in answers]
 
     def _inject_faults(self, items: list[Pending]) -> None:
-        """Test-only fault hooks (off by default): a batch with a marked question kills the worker; a batch larger than N runs out of memory."""
+        """Test-only fault hooks (off by default): a batch with a marked question kills the worker or keeps the model busy; a batch larger than N runs out of memory."""
         marker = self.settings.fault_crash_on_question
         if marker and any(marker in pending.job.question for pending in items):
             log.critical("injected crash: batch of %d holds a job marked %r (VQA_FAULT_CRASH_ON_QUESTION)", len(items), marker)
             for handler in logging.getLogger().handlers:
                 handler.flush()
             os._exit(137)  # what the kernel's OOM killer or a segfaulting kernel leaves behind
+        slow = self.settings.fault_slow_on_question
+        if slow and any(slow in pending.job.question for pending in items):
+            log.warning("injected slow batch: %.1f s busy in the model (VQA_FAULT_SLOW_ON_QUESTION)", self.settings.fault_slow_s)
+            until = time.monotonic() + self.settings.fault_slow_s
+            while time.monotonic() < until:
+                sum(range(1000))  # busy in Python, as a generate loop is between kernels
         limit = self.settings.fault_oom_above_batch
         if limit and len(items) > limit:
             raise OutOfMemory(f"injected out-of-memory for a batch of {len(items)} (VQA_FAULT_OOM_ABOVE_BATCH={limit})")

@@ -14,6 +14,9 @@ from producer import keys
 from producer.client import VQAClient
 from producer.errors import BackendUnavailable
 
+# Where a job submitted without a priority is queued (producer/keys.py PRIORITIES).
+DEFAULT_LANE = keys.priority_queue_key("vqa", keys.DEFAULT_PRIORITY)
+
 URL = "https://images.example/cat.png"
 
 
@@ -29,7 +32,7 @@ def test_resubmitting_a_queued_job_publishes_nothing(make_client: Callable[[], V
     job_id = client.submit(URL, "What is it?")
     assert broker.get(keys.submitted_key(job_id)) == b"queued"
     assert client.submit(URL, "What is it?") == job_id
-    assert broker.llen("vqa") == 1
+    assert broker.llen(DEFAULT_LANE) == 1
 
 
 def test_concurrent_submissions_of_the_same_jobs_publish_them_once(make_client: Callable[[], VQAClient], redis_url: str) -> None:
@@ -42,7 +45,7 @@ def test_concurrent_submissions_of_the_same_jobs_publish_them_once(make_client: 
     for thread in threads:
         thread.join()
     assert results[0] == results[1] == results[2]
-    assert redis.Redis.from_url(redis_url).llen("vqa") == 300
+    assert redis.Redis.from_url(redis_url).llen(DEFAULT_LANE) == 300
 
 
 def test_a_producer_publishes_its_own_claims_before_waiting_for_anothers(make_client: Callable[[], VQAClient], redis_url: str) -> None:
@@ -58,13 +61,13 @@ def test_a_producer_publishes_its_own_claims_before_waiting_for_anothers(make_cl
     submitting = threading.Thread(target=client.submit_many, args=(requests,))
     submitting.start()
     deadline = time.monotonic() + 5
-    while broker.llen("vqa") < 10 and time.monotonic() < deadline:
+    while broker.llen(DEFAULT_LANE) < 10 and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert broker.llen("vqa") == 10, "its own 10 were published while it waits for the other 10"
+    assert broker.llen(DEFAULT_LANE) == 10, "its own 10 were published while it waits for the other 10"
     assert submitting.is_alive()
     broker.mset({keys.submitted_key(job.job_id): "queued" for job in theirs})  # the other producer is done
     submitting.join(5)
-    assert not submitting.is_alive() and broker.llen("vqa") == 10
+    assert not submitting.is_alive() and broker.llen(DEFAULT_LANE) == 10
 
 
 def test_a_claim_left_by_a_failed_publish_does_not_swallow_the_retry(
@@ -78,7 +81,7 @@ def test_a_claim_left_by_a_failed_publish_does_not_swallow_the_retry(
     broker.set(keys.submitted_key(job.job_id), "publishing", ex=1)
     started = time.monotonic()
     assert client.submit(URL, "Retried?") == job.job_id
-    assert broker.llen("vqa") == 1, "the retry published the job once the stale claim expired"
+    assert broker.llen(DEFAULT_LANE) == 1, "the retry published the job once the stale claim expired"
     assert time.monotonic() - started < 5
 
 
@@ -89,7 +92,7 @@ def test_a_retry_by_the_same_client_takes_its_own_leftover_claim_at_once(make_cl
     broker.set(keys.submitted_key(job.job_id), client._claim_token, ex=60)  # its publish failed, the cleanup too
     started = time.monotonic()
     assert client.submit(URL, "Mine?") == job.job_id
-    assert broker.llen("vqa") == 1 and time.monotonic() - started < 1
+    assert broker.llen(DEFAULT_LANE) == 1 and time.monotonic() - started < 1
     assert broker.get(keys.submitted_key(job.job_id)) == b"queued"
 
 

@@ -17,6 +17,9 @@ from producer.errors import BackendUnavailable
 from worker.intake import decode_task_message
 from worker.dev.services import WorkerProcess
 
+# Where a job submitted without a priority is queued (producer/keys.py PRIORITIES).
+DEFAULT_LANE = keys.priority_queue_key("vqa", keys.DEFAULT_PRIORITY)
+
 
 def _env(redis_url: str) -> dict[str, str]:
     return {"VQA_BROKER_URL": redis_url, "VQA_RESULT_BACKEND": redis_url, "VQA_MAX_NEW_TOKENS": "4"}
@@ -34,9 +37,9 @@ def test_message_matches_what_send_task_writes(redis_url: str, client_for: Calla
     # Its AsyncResult unsubscribes from the result channel when collected: do it while Redis is up.
     del sent
     gc.collect()
-    theirs = json.loads(broker.rpop("vqa"))
+    theirs = json.loads(broker.rpop(DEFAULT_LANE))
     client.submit_jobs([job])
-    ours = json.loads(broker.rpop("vqa"))
+    ours = json.loads(broker.rpop(DEFAULT_LANE))
 
     assert set(ours) == set(theirs)
     for field in ("content-encoding", "content-type"):
@@ -77,12 +80,12 @@ def test_dedupe_holds_on_the_bulk_path(redis_url: str, client_for: Callable[[dic
     requests = _requests(5)
     ids = client.submit_many(requests + requests[:2])  # duplicates inside one call
     assert len(ids) == 7 and ids[5:] == ids[:2]
-    assert broker.llen("vqa") == 5
+    assert broker.llen(DEFAULT_LANE) == 5
     assert client.submit_many(requests) == ids[:5]  # queued already: nothing new
-    assert broker.llen("vqa") == 5
+    assert broker.llen(DEFAULT_LANE) == 5
     keyed = client.submit_many([{**requests[0], "idempotency_key": "k1"}, {**requests[1], "idempotency_key": "k1"}])
     assert keyed[0] == keyed[1]
-    assert broker.llen("vqa") == 6
+    assert broker.llen(DEFAULT_LANE) == 6
 
 
 def test_publish_failure_releases_the_claims(
@@ -100,7 +103,7 @@ def test_publish_failure_releases_the_claims(
     assert broker.keys(keys.submitted_key("*")) == []
     monkeypatch.undo()
     assert len(client.submit_many(_requests(3))) == 3
-    assert broker.llen("vqa") == 3
+    assert broker.llen(DEFAULT_LANE) == 3
 
 
 @pytest.mark.slow
@@ -121,7 +124,7 @@ def test_worker_answers_bulk_published_jobs_once(
 
     broker = redis.Redis.from_url(stack_env["VQA_BROKER_URL"])
     assert client.submit_many(requests) == ids  # finished: same ids, nothing enqueued, nothing recomputed
-    assert broker.llen("vqa") == 0
+    assert broker.llen(DEFAULT_LANE) == 0
     assert all(int(broker.get(keys.executions_key(job_id))) == 1 for job_id in ids)
     # client.wait leaves AsyncResults in reference cycles; their __del__ talks to Redis, so
     # collect them now, while this test's Redis is still up.

@@ -17,11 +17,15 @@ import redis
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from producer import keys
 from producer.cli import app
 from producer.client import VQAClient
 from producer.errors import InvalidJob
 from producer.schema import MAX_NEW_TOKENS_LIMIT, MAX_QUESTION_LENGTH, MAX_URL_LENGTH, Job
 from producer.settings import Settings
+
+# Where a job submitted without a priority is queued (producer/keys.py PRIORITIES).
+DEFAULT_LANE = keys.priority_queue_key("vqa", keys.DEFAULT_PRIORITY)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -72,7 +76,7 @@ def env(redis_url: str) -> dict[str, str]:
 
 
 def assert_nothing_enqueued(broker: redis.Redis) -> None:
-    assert broker.llen("vqa") == 0
+    assert broker.llen(DEFAULT_LANE) == 0
     assert broker.dbsize() == 0, broker.keys("*")
 
 
@@ -197,7 +201,7 @@ def test_cli_submit_many_reports_every_bad_line_by_file_line_number(
     good = "\n".join(line for line in lines if '"fine' in line)
     result = cli("submit-many", "-", stdin=good)
     assert result.exit_code == 0, result.stderr
-    assert len(result.stdout.split()) == 2 == broker.llen("vqa")
+    assert len(result.stdout.split()) == 2 == broker.llen(DEFAULT_LANE)
 
 
 def test_cli_submit_many_on_a_missing_file_is_a_clear_error(tmp_path: Path, cli: Callable[..., Any], broker: redis.Redis) -> None:

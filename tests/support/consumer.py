@@ -64,3 +64,6 @@ class NoCancels:
 
     def reasons(self, jobs: object) -> dict[str, object]:
         return {}
+
+    def local_reasons(self, jobs: object) -> dict[str, object]:
+        return {}

@@ -27,6 +27,7 @@ def _unacked(queue: RedisQueue) -> int:
 
 
 def _raw(i: int) -> str:
+    """A job's message as it sits in the bare list (Celery priority 0), where these tests push it."""
     job = Job(
         job_id=f"job-{i}",
         image_url="https://images.example/a.png",
@@ -35,7 +36,7 @@ def _raw(i: int) -> str:
         generation=GenerationSettings(max_new_tokens=4),
         submitted_at=utcnow(),
     )
-    return TaskMessages(queue="vqa", reply_to=str(uuid.uuid4())).encode(job)
+    return TaskMessages(queue="vqa", reply_to=str(uuid.uuid4())).encode(job, priority=0)
 
 
 def test_pop_takes_oldest_first_and_records_each_as_unacked(queue: RedisQueue) -> None:
@@ -130,3 +131,24 @@ def test_a_prioritised_message_goes_back_to_its_own_list(redis_url: str, queue: 
     assert queue.client.llen(step6) == 2 and queue.client.llen("vqa") == 0
     # Each went back to the head of the list: the last one put back is served first.
     assert [d.tag for d in queue.pop(2)] == [expired.tag, handed_back.tag]
+
+
+def test_no_lane_starves_under_a_flood_of_high_priority_jobs(queue: RedisQueue) -> None:
+    """Every LOWER_LANE_EVERY-th pop starts from a lower lane, each lower lane in turn (worker/broker.py)."""
+    every = queue._lower_lane_every
+    encoder = TaskMessages(queue="vqa", reply_to="r")
+
+    def push(name: str, priority: int, count: int) -> None:
+        for i in range(count):
+            job = Job(job_id=f"{name}-{i}", image_url="https://images.example/a.png", question=f"{name} {i}?", model="m",
+                      generation=GenerationSettings(max_new_tokens=4), submitted_at=utcnow())
+            queue.client.lpush(encoder.key_for(priority), encoder.encode(job, priority=priority))
+
+    push("high", keys.PRIORITIES["high"], 5 * every)
+    push("default", keys.PRIORITIES["default"], 2)
+    push("low", keys.PRIORITIES["low"], 2)
+    served = [json.loads(queue.pop(1)[0].raw)["headers"]["id"].split("-")[0] for _ in range(5 * every)]
+    turns = {pop: served[pop - 1] for pop in range(every, 5 * every + 1, every)}
+    # Turns go to the lists below the top in rotation: 3-5, 6-8, 9 (empty: on to the top), 3-5 again.
+    assert turns == {every: "default", 2 * every: "low", 3 * every: "high", 4 * every: "default", 5 * every: "low"}
+    assert served.count("high") == 5 * every - 4
