@@ -264,7 +264,7 @@ def _kill_one(admin: redis.Redis, producer: VQAClient, listener: CompletionListe
     jobs = _jobs(producer, max(workers, 2) * args.batch * 2, f"kill{workers}")
     window = _Window(admin, [proc.pid for proc in others])
     producer.submit_jobs(jobs)
-    lane = keys.priority_queue_keys(QUEUE)[0]
+    lane = keys.priority_queue_key(QUEUE, keys.DEFAULT_PRIORITY)  # where submit_jobs queues them
     deadline = time.monotonic() + 10
     while admin.llen(lane) > len(jobs) - args.batch and time.monotonic() < deadline:
         time.sleep(0.01)  # the victim takes up to its prefetch
