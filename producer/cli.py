@@ -280,6 +280,11 @@ def demo(
     raise typer.Exit(run_demo(_settings(), jobs=jobs))
 
 
+from producer.bulk.cli import app as bulk_app  # noqa: E402 - after _settings and _client, which it uses
+
+app.add_typer(bulk_app, name="bulk")
+
+
 def main() -> None:
     app()
 

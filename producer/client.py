@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 import redis
@@ -23,6 +23,9 @@ from producer.errors import BackendUnavailable, CorruptRecord, InvalidJob, JobFa
 from producer.revokes import write_revokes
 from producer.schema import GenerationSettings, Job, Record, derive_job_id, parse_duration, parse_record, parse_time, utcnow
 from producer.settings import Settings
+
+if TYPE_CHECKING:
+    from producer.bulk.run import BulkRun
 
 log = logging.getLogger(__name__)
 
@@ -249,23 +252,31 @@ class VQAClient:
 
     def _publish(self, jobs: list[Job], priority: int) -> None:
         # Signed messages go through Celery's own publishing, which signs each one.
-        if self.settings.broker_url.startswith(messages.REDIS_SCHEMES) and not self.settings.signs_messages:
+        if self.pushes_messages():
             self._publish_pushed(jobs, priority)
         else:
             self._publish_one_by_one(jobs, priority)
 
-    def _publish_pushed(self, jobs: list[Job], priority: int) -> None:
-        """LPUSH ready-made task messages, :data:`messages.CHUNK` per command (see producer/messages.py)."""
+    def pushes_messages(self) -> bool:
+        """True when jobs are published as ready-made messages (a Redis broker, unsigned messages)."""
+        return self.settings.broker_url.startswith(messages.REDIS_SCHEMES) and not self.settings.signs_messages
+
+    def task_messages(self) -> messages.TaskMessages:
+        """The encoder of this client's task messages (its queue, reply-to and key prefix)."""
         if self._messages is None:
             prefix = (self.app.conf.broker_transport_options or {}).get("global_keyprefix", "")
             self._messages = messages.TaskMessages(queue=self.settings.queue, reply_to=self.app.thread_oid, key_prefix=prefix)
+        return self._messages
+
+    def _publish_pushed(self, jobs: list[Job], priority: int) -> None:
+        """LPUSH ready-made task messages, :data:`messages.CHUNK` per command (see producer/messages.py)."""
+        encoder = self.task_messages()
         published = 0
         try:
             for start in range(0, len(jobs), messages.CHUNK):
                 chunk = jobs[start : start + messages.CHUNK]
                 # One LPUSH of many values is one atomic command, and keeps FIFO order (BRPOP takes the first pushed first).
-                encoded = [self._messages.encode(job, priority=priority) for job in chunk]
-                self._redis.lpush(self._messages.key_for(priority), *encoded)
+                self._redis.lpush(encoder.key_for(priority), *(encoder.encode(job, priority=priority) for job in chunk))
                 published += len(chunk)
         except redis.RedisError as exc:
             # Not enqueued: free the claims so a retry of the submission goes through.
@@ -313,6 +324,27 @@ class VQAClient:
             write_revokes(self._redis, ids, ttl_s=self.settings.revoke_ttl_s, by="VQAClient.cancel")
         except redis.RedisError as exc:
             raise BackendUnavailable(f"cannot reach Redis to cancel jobs: {type(exc).__name__}") from exc
+
+    # -- bulk runs --------------------------------------------------------------------------
+
+    def bulk(self, source: str | None = None, *, name: str | None = None, **options: Any) -> BulkRun:
+        """Start (or resume) a bulk run over a manifest and return its handle; publishing goes on in the background.
+
+        ``source`` is a JSON Lines, CSV or Parquet file or ``s3://bucket/prefix/``; ``options`` are
+        those of :class:`producer.bulk.BulkOptions` (``questions``, ``window``, ``expires_in``, ...).
+        Without ``source``, the handle of the existing run ``name``. See producer/bulk/.
+        """
+        from producer.bulk.run import attach, start
+
+        if source is None:
+            if name is None:
+                raise InvalidJob("bulk(): give a manifest, or the name of an existing run")
+            return attach(self, name)
+        return start(self, str(source), name=name, **options)
+
+    def s3_client(self) -> Any:
+        """The client's S3 client (made on first use; credentials from the standard AWS sources)."""
+        return self._s3_client()
 
     # -- reading ----------------------------------------------------------------------------
 

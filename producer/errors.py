@@ -6,6 +6,7 @@
     │   ├── UpstreamUnavailable   image host 5xx / connection reset (http_status, connection_failed)
     │   ├── StorageUnavailable    S3 5xx, timeouts, refused         (storage_unavailable)
     │   ├── BackendUnavailable    Redis / result backend down       (backend_unavailable)
+    │   ├── RunBusy               another process is publishing the bulk run (run_busy)
     │   └── OutOfMemory           CUDA/CPU OOM during generate      (out_of_memory)
     ├── PermanentError            not retryable: a failed record at once
     │   ├── InvalidJob            fails validation                  (invalid_job)
@@ -74,6 +75,12 @@ class StorageUnavailable(TransientError):
 
 class BackendUnavailable(TransientError):
     code = "backend_unavailable"
+
+
+class RunBusy(TransientError):
+    """Another live process holds the bulk run's submitter lease (producer/bulk/submit.py)."""
+
+    code = "run_busy"
 
 
 class OutOfMemory(TransientError):

@@ -75,3 +75,73 @@ def priority_queue_key(queue: str, priority: int) -> str:
     clamped = max(0, min(int(priority), 9))
     step = max(step for step in PRIORITY_STEPS if step <= clamped)
     return queue if step == 0 else f"{queue}{_PRIORITY_SEP}{step}"
+# -- bulk runs (producer/bulk/, worker/bulkruns.py) ---------------------------------------------
+# Redis holds a run's window, not the run: its counters, the jobs published and not finished, and
+# the completion log until it is sealed into S3 segments. Every key has a TTL, refreshed while the
+# run moves and shortened once it ends; what lasts is in S3 under bulk_prefix().
+
+
+def bulk_meta_key(bulk_id: str) -> str:
+    """Hash: the run's options, state, manifest cursor, counters and usage sums."""
+    return f"vqa:bulk:{bulk_id}:meta"
+
+
+def bulk_inflight_key(bulk_id: str) -> str:
+    """Set: job ids published and without an outcome (the window). A worker counts a job when it leaves."""
+    return f"vqa:bulk:{bulk_id}:inflight"
+
+
+def bulk_running_key(bulk_id: str) -> str:
+    """Set, a subset of the in-flight set: jobs a worker has started in a model."""
+    return f"vqa:bulk:{bulk_id}:running"
+
+
+def bulk_log_key(bulk_id: str) -> str:
+    """List: completion entries (one JSON object per finished job) not yet sealed into a segment."""
+    return f"vqa:bulk:{bulk_id}:log"
+
+
+def bulk_segment_key_prefix(bulk_id: str) -> str:
+    """A sealed segment waits under this prefix plus its number until it is written to S3."""
+    return f"vqa:bulk:{bulk_id}:segment:"
+
+
+def bulk_segment_key(bulk_id: str, seq: int) -> str:
+    return f"{bulk_segment_key_prefix(bulk_id)}{seq}"
+
+
+def bulk_sealed_key(bulk_id: str) -> str:
+    """Sorted set: segment number -> when it was sealed (or last claimed for its S3 write)."""
+    return f"vqa:bulk:{bulk_id}:sealed"
+
+
+def bulk_invalid_key(bulk_id: str) -> str:
+    """List: the run's invalid manifest lines (capped), what invalid.jsonl is written from."""
+    return f"vqa:bulk:{bulk_id}:invalid"
+
+
+def bulk_lease_key(bulk_id: str) -> str:
+    """The submitter's lease: one process publishes a run at a time."""
+    return f"vqa:bulk:{bulk_id}:lease"
+
+
+def bulk_prefix(prefix: str, bulk_id: str) -> str:
+    """Where a run's lasting objects live in S3."""
+    return f"{prefix}bulk/{bulk_id}/"
+
+
+def bulk_status_object(prefix: str, bulk_id: str) -> str:
+    return f"{bulk_prefix(prefix, bulk_id)}status.json"
+
+
+def bulk_invalid_object(prefix: str, bulk_id: str) -> str:
+    return f"{bulk_prefix(prefix, bulk_id)}invalid.jsonl"
+
+
+def bulk_segments_prefix(prefix: str, bulk_id: str) -> str:
+    return f"{bulk_prefix(prefix, bulk_id)}log/"
+
+
+def bulk_segment_object(prefix: str, bulk_id: str, seq: int) -> str:
+    """One sealed segment of the completion log: JSON Lines, numbered so a listing is in order."""
+    return f"{bulk_segments_prefix(prefix, bulk_id)}{seq:010d}.jsonl"

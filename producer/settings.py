@@ -102,6 +102,17 @@ class Settings(BaseSettings):
     # broadcasts (ping, stats, active, revoke, shutdown, ...) over kombu's pidbox mailbox, as
     # `celery worker` does unless started with --without-remote-control.
     remote_control: bool = True
+    # Bulk runs (producer/bulk/, worker/bulkruns.py). The default `vqa bulk submit --window`: at
+    # most this many jobs of a run published and not finished (0 = no limit).
+    bulk_window: int = Field(default=5000, ge=0)
+    # Completion-log entries per S3 segment: collecting a run costs one GET per this many jobs.
+    bulk_segment_jobs: int = Field(default=1000, ge=1, le=100_000)
+    # A run's Redis keys live this long after its last move, and this long once it ended (its
+    # status.json, invalid.jsonl and log segments in S3 are the lasting copy).
+    bulk_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+    bulk_finished_ttl_s: int = Field(default=24 * 3600, ge=60)
+    # How often a running submitter mirrors the run's status to S3 and refreshes its invalid.jsonl.
+    bulk_status_interval_s: float = Field(default=10.0, gt=0)
 
     # Test-only fault hooks, off by default (tests/reliability uses them; see docs/reliability.md).
     # A batch larger than this raises out-of-memory.

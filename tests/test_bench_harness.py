@@ -64,6 +64,19 @@ def test_bench_tiny_profile_measures_every_section(tmp_path: Path) -> None:
         assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bench_bulk_tiny_profile(tmp_path: Path) -> None:
+    # The kill section runs a worker: tests/producer/bulk/test_bulk_e2e.py covers kill and resume.
+    _run(["-m", "bench.bulk", "--profile", "tiny", "--sections", "memory,publish,collect", "--out", str(tmp_path)], timeout=180)
+    result = json.loads((tmp_path / "bulk.json").read_text())
+    memory = result["memory"]
+    assert memory["window_on"]["queued"] == memory["window"] and memory["window_off"]["queued"] == memory["lines"]
+    assert memory["window_off"]["redis_bytes_per_queued_job"] > 0 and memory["window_on"]["producer_peak_rss_mb"] > 0
+    assert result["publish"]["bulk_vs_send_task_loop"] > 1
+    collect = result["collect"]
+    assert collect["collect"]["s3_requests_per_job"] < 0.05 and collect["workers"]["s3_requests_per_job"] < 0.05
+    assert (tmp_path / "bulk.md").read_text().startswith("# Bulk-run benchmark (tiny profile)")
+
+
 def test_gpu_bench_small_config_on_cpu(tmp_path: Path) -> None:
     _run([str(SCRIPTS / "gpu_bench.py"), "--config", "small", "--device", "cpu", "--out", str(tmp_path), "--batch-sizes", "1,2",
           "--max-new-tokens", "4", "--repeats", "1", "--baseline-images", "2"], timeout=180)

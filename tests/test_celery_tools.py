@@ -41,7 +41,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 WORKER = "vqa-w1"
 STOCK = "stock@localhost"
 SLOW = "[slow]"
-SLOW_S = 4.0
+# Long enough for four `celery` CLI calls (about a second each to start) while S is still in the model.
+SLOW_S = 8.0
 CELERY = [sys.executable, "-m", "celery", "-A", "producer.celery_app"]
 
 

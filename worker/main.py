@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from producer.celery_app import make_celery
 from producer.connections import redis_client
 from producer.settings import Settings
+from worker.bulkruns import BulkRuns
 from worker.cancels import CancelCheck, RevokedSet
 from worker.consumer import BatchingConsumer
 from worker.counters import JobCounters
@@ -84,7 +85,8 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, s3_client: A
     preparer = JobPreparer(
         engine=engine, store=store, counters=counters, cancels=cancels, policy=FetchPolicy.from_settings(settings), s3_client=s3
     )
-    hooks = Hooks([JobLog()])
+    # Bulk runs' counts and completion logs: on every worker (a no-op for jobs of no run).
+    hooks = Hooks([JobLog(), BulkRuns(client=jobs_redis, s3_client=s3, settings=settings)])
     runner = BatchRunner(
         settings=settings, engine=engine, store=store, counters=counters, worker_name=worker_name, stopping=stopping, hooks=hooks
     )
