@@ -13,7 +13,7 @@ env: $(STAMP) services-check
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e '.[worker,test,demo]'
+	$(BIN)/pip install -q -e '.[worker,test,demo,api]'
 	touch $(STAMP)
 
 # The tests and the demo start their own redis-server; install it when the machine lacks one.

@@ -255,6 +255,27 @@ def exporter(
     run_exporter(settings, host=host, port=port)
 
 
+@app.command()
+def api(
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port of the HTTP API.")] = 8000,
+) -> None:
+    """Serve the HTTP job API (jobs, bulk runs, S3 bucket notifications): the producer side over HTTP, no model.
+
+    Every endpoint but /healthz needs a bearer token from VQA_API_TOKENS; VQA_INGEST_RULES names
+    the rules that turn bucket notifications into jobs.
+    """
+    settings = _settings()
+    from producer.api.server import run_api
+    from producer.logs import configure_logging
+
+    configure_logging(settings)
+    try:
+        run_api(settings, host=host, port=port)
+    except VQAError as exc:
+        _fail(str(exc), code=2)
+
+
 @app.command("make-tiny-model")
 def make_tiny_model(
     directory: Annotated[Path, typer.Argument(help="Where to save the checkpoint.")],

@@ -89,7 +89,7 @@ class VQAClient:
             if expires_in is not None:
                 expiry = now + (expires_in if isinstance(expires_in, timedelta) else parse_duration(expires_in))
                 deadline = expiry if deadline is None or expiry < deadline else deadline
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:  # OverflowError: an expiry past year 9999
             raise InvalidJob(f"deadline: {exc}") from exc
         payload = {
             "image_url": image_url,

@@ -145,3 +145,11 @@ def bulk_segments_prefix(prefix: str, bulk_id: str) -> str:
 def bulk_segment_object(prefix: str, bulk_id: str, seq: int) -> str:
     """One sealed segment of the completion log: JSON Lines, numbered so a listing is in order."""
     return f"{bulk_segments_prefix(prefix, bulk_id)}{seq:010d}.jsonl"
+
+
+# -- the HTTP API (producer/api/) --------------------------------------------------------------
+
+
+def api_idempotency_key(scope: str, key_digest: str) -> str:
+    """The fingerprint of the request first sent with an Idempotency-Key (hashed) on one endpoint."""
+    return f"vqa:api:idempotency:{scope}:{key_digest}"

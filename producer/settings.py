@@ -114,6 +114,17 @@ class Settings(BaseSettings):
     # How often a running submitter mirrors the run's status to S3 and refreshes its invalid.jsonl.
     bulk_status_interval_s: float = Field(default=10.0, gt=0)
 
+    # The HTTP job API (`vqa api`, producer/api/). Bearer tokens (comma-separated); with none set
+    # every endpoint but /healthz answers 401. Compared in constant time, never logged.
+    api_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    # A request body over this is refused with 413 while it is read (a bulk manifest in the body included).
+    api_max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # An Idempotency-Key is remembered (with a fingerprint of its request) this long.
+    api_idempotency_ttl_s: int = Field(default=24 * 3600, ge=60)
+    # Bucket notifications into jobs (POST /v1/events/s3): a JSON (or YAML) file of rules
+    # {bucket, prefix, suffix, questions, ...}; see producer/ingest/rules.py. Unset: nothing matches.
+    ingest_rules: str | None = None
+
     # Test-only fault hooks, off by default (tests/reliability uses them; see docs/reliability.md).
     # A batch larger than this raises out-of-memory.
     fault_oom_above_batch: int = Field(default=0, ge=0)
@@ -152,7 +163,7 @@ class Settings(BaseSettings):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return value
 
-    @field_validator("allowed_hosts", "image_formats", "image_s3_buckets", mode="before")
+    @field_validator("allowed_hosts", "image_formats", "image_s3_buckets", "api_tokens", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):

@@ -479,7 +479,7 @@ def test_flash_attn_is_an_opt_in_build_arg(dockerfile: Dockerfile) -> None:
 def test_installs_the_worker_extra_dependencies_first(dockerfile: Dockerfile) -> None:
     _, _, builder = dockerfile.stage("builder")
     steps = [(kw, rest) for kw, rest in builder if kw in ("COPY", "RUN")]
-    installs = [i for i, (kw, rest) in enumerate(steps) if kw == "RUN" and re.search(r"pip install [\"']?\.\[worker\][\"']?", rest)]
+    installs = [i for i, (kw, rest) in enumerate(steps) if kw == "RUN" and re.search(r"pip install [\"']?\.\[worker(,[a-z]+)*\][\"']?", rest)]
     assert installs, "no `pip install .[worker]`"
     copies = {rest.split()[0]: i for i, (kw, rest) in enumerate(steps) if kw == "COPY"}
     assert copies["pyproject.toml"] < installs[0] < copies["producer"], "dependencies must install before the code is copied"
