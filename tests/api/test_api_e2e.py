@@ -38,7 +38,8 @@ def test_submit_over_http_and_a_bucket_notification_run_to_completion(
     image_base_url: str,
 ) -> None:
     s3 = boto3.client("s3", endpoint_url=stack_env["VQA_S3_ENDPOINT_URL"])
-    s3.create_bucket(Bucket=IMAGE_BUCKET) if IMAGE_BUCKET not in {b["Name"] for b in s3.list_buckets()["Buckets"]} else None
+    if IMAGE_BUCKET not in {found["Name"] for found in s3.list_buckets()["Buckets"]}:  # the S3 server lives for the session
+        s3.create_bucket(Bucket=IMAGE_BUCKET)
     image_name = next(iter(sample_images))
     key = "incoming/a photo of it.png"  # a space: MinIO sends it as '+'
     s3.put_object(Bucket=IMAGE_BUCKET, Key=key, Body=sample_images[image_name].read_bytes())
