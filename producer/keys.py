@@ -13,6 +13,14 @@ def failed_key(prefix: str, job_id: str) -> str:
     return f"{prefix}failed/{job_id}.json"
 
 
+def failed_mark_key(job_id: str) -> str:
+    """Set (no TTL) before a failed record is written: only then may a success have a failed record to delete.
+
+    Spares the common first-delivery success its S3 DELETE of a failed record that does not exist.
+    """
+    return f"vqa:failed-mark:{job_id}"
+
+
 def submitted_key(job_id: str) -> str:
     """Set (NX, with a TTL) when a producer enqueues a job, so duplicates are not enqueued twice."""
     return f"vqa:submitted:{job_id}"

@@ -58,6 +58,14 @@ class RunCount:
     executions: int  # 0: not run, the job is poison
 
 
+@dataclass(frozen=True)
+class JobHistory:
+    """One job's counts as the fetch pool reads them, before this delivery reaches the model."""
+
+    earlier_deliveries: int  # deliveries that reached a model and never came back
+    executions: int  # model runs so far; 0: no record can exist yet unless Redis lost the count
+
+
 class JobCounters:
     """Reads and bumps the counters for a batch's jobs, one round trip per call."""
 
@@ -81,6 +89,14 @@ class JobCounters:
             if count.executions > 1:
                 log.warning("job %s runs the model for the %d. time (redelivery or retry)", job_id, count.executions, extra={"job_id": job_id})
         return counts
+
+    def history(self, job_id: str) -> JobHistory:
+        """The job's counts before this delivery, in one round trip; a first delivery's (0, 0) when Redis is away."""
+        try:
+            deliveries, executions = self.client.mget(keys.deliveries_key(job_id), keys.executions_key(job_id))
+        except redis.RedisError:
+            return JobHistory(earlier_deliveries=0, executions=0)
+        return JobHistory(earlier_deliveries=int(deliveries or 0), executions=int(executions or 0))
 
     def earlier_deliveries(self, job_id: str) -> int:
         """Deliveries of the job that reached a model and never came back; 0 when Redis is away."""

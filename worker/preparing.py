@@ -3,8 +3,10 @@
 For each job, off the consumer and model threads:
 
 1. Cancelled, or past its deadline (worker/cancels.py)? Then it ends so, without fetching.
-   Is there a success record already (a redelivery, a duplicate)? Then nothing runs.
-2. How often did it reach a model before without coming back (worker/counters.py)?
+2. How often did it reach a model before, and how often did it come back (worker/counters.py)?
+   If it ran before, is there a success record already (a redelivery, a duplicate)? Then
+   nothing runs. A job that never ran cannot have one, so the common first delivery makes no
+   S3 request here: its one request is the conditional create of its record.
 3. Fetch and decode the image under the SSRF guard and the caps (worker/fetch/).
 4. Preprocess it for the engine (tiles, prompt tokens), so the model thread only pads and runs.
 
@@ -56,6 +58,11 @@ class JobPreparer:
         stopped = self.cancels.reasons([job]).get(job.job_id)
         if stopped is not None:
             return Prepared(error=stopped)
+        history = self.counters.history(job.job_id)
+        if history.executions == 0:
+            # Never counted as run: no success record can exist (unless Redis lost the count, when
+            # the conditional create still keeps the first record and the answer comes from it).
+            return self._fetch_and_prepare(job, earlier=history.earlier_deliveries)
         try:
             existing = self.store.existing(job.job_id)
         except StorageUnavailable as exc:
@@ -69,7 +76,9 @@ class JobPreparer:
             return Prepared(error=exc)
         if existing is not None:
             return Prepared(existing=existing)
-        earlier = self.counters.earlier_deliveries(job.job_id)
+        return self._fetch_and_prepare(job, earlier=history.earlier_deliveries)
+
+    def _fetch_and_prepare(self, job: Job, *, earlier: int) -> Prepared:
         start = time.perf_counter()
         image = fetch_image(job.image_url, self.policy, s3_client=self.s3_client)
         fetched = time.perf_counter()

@@ -45,14 +45,21 @@ class RecordStore:
 
     Success records are created with ``If-None-Match: *`` so a redelivered or duplicate job
     never overwrites the first answer; where the endpoint cannot do conditional writes, a
-    checked create (HEAD, then PUT) is used instead.
+    checked create (GET, then PUT) is used instead.
+
+    With ``marks`` (the jobs' Redis), a failed record is announced in Redis before it is
+    written (:func:`producer.keys.failed_mark_key`), and a success deletes the failed key only
+    when a mark says one may exist: the common success costs one S3 request, the create. A
+    Redis that cannot be read counts as "may exist" (the DELETE is sent); one that cannot be
+    written to stops the failed write (retried), so a mark is never missing beside a failed record.
     """
 
-    def __init__(self, settings: Settings, *, s3_client: Any, app: Celery) -> None:
+    def __init__(self, settings: Settings, *, s3_client: Any, app: Celery, marks: redis.Redis | None = None) -> None:
         self.bucket = settings.s3_bucket
         self.prefix = settings.s3_prefix
         self.s3 = s3_client
         self.app = app
+        self.marks = marks
         self._conditional_puts = True
 
     # -- S3 ---------------------------------------------------------------------------------
@@ -82,8 +89,23 @@ class RecordStore:
                 raise StorageUnavailable(f"S3 refused to create {key} but holds no readable record yet")
             log.info("job %s already had a record; keeping the first", record.job_id, extra={"job_id": record.job_id})
             return Stored(winner, created=False)
-        self._delete_quietly(keys.failed_key(self.prefix, record.job_id))
+        self._drop_failed(record.job_id)
         return Stored(record, created=True)
+
+    def _drop_failed(self, job_id: str) -> None:
+        """After a success was created: delete a failed record of the job, if one may exist."""
+        mark = keys.failed_mark_key(job_id)
+        if self.marks is not None:
+            try:
+                if not self.marks.exists(mark):
+                    return
+            except redis.RedisError:
+                pass  # cannot tell: delete, as without marks
+        if self._delete_quietly(keys.failed_key(self.prefix, job_id)) and self.marks is not None:
+            try:
+                self.marks.delete(mark)
+            except redis.RedisError:
+                pass  # a stale mark only costs a later success one DELETE
 
     def _write_failed(self, record: Record, body: bytes) -> Stored:
         """A failed record never stands next to a success: a redelivered copy that failed loses to one that succeeded.
@@ -92,6 +114,12 @@ class RecordStore:
         record already (it deletes after creating) or is seen by the second check. An unreadable
         object at the success key is no success: the failure is recorded beside it.
         """
+        if self.marks is not None:
+            # Before the first check: a success created after it reads the mark and deletes our record.
+            try:
+                self.marks.set(keys.failed_mark_key(record.job_id), 1)
+            except redis.RedisError as exc:
+                raise BackendUnavailable(f"cannot mark job {record.job_id} as failed in Redis: {type(exc).__name__}") from exc
         winner = self._readable_success(record.job_id)
         if winner is None:
             key = keys.failed_key(self.prefix, record.job_id)
@@ -135,11 +163,13 @@ class RecordStore:
         except _Missing:
             return None
 
-    def _delete_quietly(self, key: str) -> None:
+    def _delete_quietly(self, key: str) -> bool:
         try:
             self._call("delete_object", Bucket=self.bucket, Key=key)
+            return True
         except StorageUnavailable:
             log.warning("could not delete stale %s; the success record stands", key)
+            return False
 
     def _call(self, operation: str, **params: Any) -> Any:
         """Every S3 call goes through here so botocore errors are translated in one place."""
