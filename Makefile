@@ -31,6 +31,7 @@ test: env
 bench: env
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.preprocess
 
 clean:
 	rm -rf $(VENV) models .demo

@@ -214,6 +214,7 @@ def _point(b: int, direct: dict[str, Any], e2e: dict[str, Any], delayed: dict[st
         "delay_utilisation": delayed["model_utilisation"],
         "direct_cpu_ms_per_image": direct["cpu_ms_per_image"],
         **{f"e2e_cpu_ms_{name}": ms for name, ms in e2e["cpu_ms_per_job"].items()},
+        "e2e_s3_requests_per_job": e2e["s3_requests_per_job"],
     }
 
 

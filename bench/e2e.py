@@ -29,14 +29,16 @@ def burst(stack: Stack, env: dict[str, str], *, files: list[str], delay_s: float
     """Submit every job at once (bulk) to a running worker; time each record as it is published."""
     with stack.client(env) as client:
         requests = _requests(stack.image_urls[delay_s], files, tag=tag, generation=generation)
-        cpu_before = stack.cpu()
+        cpu_before, s3_before = stack.cpu(), stack.s3_requests()
         start = time.monotonic()
         ids = client.submit_many(requests)
     done = stack.listener.wait_for(ids, timeout=timeout)
     cpu_after = stack.cpu()
+    time.sleep(0.2)  # the server writes its access-log line after the answer
+    s3_requests = stack.s3_requests() - s3_before
     # Where the CPU went, per job: on a CPU host everything here shares the cores with the model.
     cpu = {name: round(1000 * (cpu_after[name] - cpu_before[name]) / len(ids), 1) for name in cpu_after if name in cpu_before}
-    return {**summarize(start, list(done.values())), "cpu_ms_per_job": cpu}
+    return {**summarize(start, list(done.values())), "cpu_ms_per_job": cpu, "s3_requests_per_job": round(s3_requests / len(ids), 2)}
 
 
 def summarize(start: float, done: list[Done]) -> dict[str, Any]:

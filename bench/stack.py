@@ -135,6 +135,13 @@ class Stack:
                 "redis": self.redis.proc.pid if self.redis.proc else None, "bench": os.getpid()}
         return {name: cpu_seconds(pid) for name, pid in pids.items() if pid is not None}
 
+    def s3_requests(self) -> int:
+        """Requests the S3 server has answered so far (its access log: one line per request)."""
+        log = self.s3.access_log
+        if log is None or not log.exists():
+            return 0
+        return sum(1 for line in log.read_text(errors="replace").splitlines() if ' HTTP/1.1" ' in line)
+
     def start_worker(self, env: dict[str, str]) -> WorkerProcess:
         """A worker with exactly these settings (the running one is reused when they match)."""
         if self.worker is not None and env == self.worker_env:
@@ -173,7 +180,7 @@ def stack(image_dir: Path, *, delays: tuple[float, ...] = (0.0, 0.1)) -> Iterato
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     workdir = Path(tempfile.mkdtemp(prefix="vqa-bench-"))
     redis_server = RedisServer().start()
-    s3_server = S3Server().start()
+    s3_server = S3Server(access_log=workdir / "s3-access.log").start()
     listener: CompletionListener | None = None
     current: Stack | None = None
     try:

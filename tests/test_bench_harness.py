@@ -35,6 +35,7 @@ def test_bench_tiny_profile_measures_every_section(tmp_path: Path) -> None:
     [point] = result["throughput"]
     assert point["direct_ips"] > 0 and point["e2e_ips"] > 0 and point["delay_ips"] > 0
     assert point["e2e_ratio"] > 0 and point["delay_ratio"] > 0
+    assert point["e2e_s3_requests_per_job"] == 1.0  # first deliveries: the conditional create of the record, nothing else
     for run in (*result["end_to_end"], *result["end_to_end_delay"]):
         assert run["failed"] == 0 and run["jobs"] == 12
         assert 0 < run["model_utilisation"] <= 1.5
@@ -111,3 +112,16 @@ def test_gpu_bench_counts_image_tokens_like_the_processor(tiny_model_dir: Path) 
         encoded = processor(images=[Image.new("RGB", (width, height))], text=["<image>"], return_tensors="pt")
         expected = int((encoded["input_ids"] == config.image_token_id).sum())
         assert image_token_count(config, height, width) == expected, (width, height)
+
+
+def test_bench_preprocess_reports_every_size_and_pool(tmp_path: Path) -> None:
+    _run(["-m", "bench.preprocess", "--out", str(tmp_path), "--repeats", "1", "--seconds", "0.5", "--workers", "1"], timeout=180)
+    result = json.loads((tmp_path / "preprocess.json").read_text())
+    assert [row["size"] for row in result["per_image"]] == ["640x480", "1280x960", "1920x1080", "4032x3024"]
+    assert all(row["decode_ms"] > 0 and row["preprocess_ms_pil"] > 0 for row in result["per_image"])
+    # The draft decode keeps at least the target grid: a phone photo comes out no smaller than 672x672.
+    width, height = map(int, result["per_image"][-1]["draft_size"].split("x"))
+    assert width >= 672 and height >= 672 and width < 4032
+    assert [(run["pool"], run["workers"]) for run in result["pools"]] == [("threads", 1), ("processes", 1)]
+    assert all(run["images_per_s"] > 0 and run["model_stall_ms_per_s"] >= 0 for run in result["pools"])
+    assert (tmp_path / "preprocess.md").read_text().startswith("# The GPU host's CPU side")

@@ -107,15 +107,18 @@ class S3Server:
 
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    # Where the server's access log goes (one line per request: the benchmarks count S3 requests per job).
+    access_log: Path | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> S3Server:
+        log = subprocess.DEVNULL if self.access_log is None else self.access_log.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=log,
         )
         wait_for_port(self.port, proc=self.proc)
         return self

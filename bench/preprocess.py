@@ -1,0 +1,251 @@
+"""The GPU host's CPU side: decode + LlavaNext preprocessing per image at the 7B's settings, and what the fetch pool sustains.
+
+    .venv/bin/python -m bench.preprocess --out docs/benchmarks/preprocess    # ~2 min on 2 cores
+
+With the 7B's processor settings (336-pixel tiles, the pinpoints of
+bench/llava-v1.6-vicuna-7b-config.json, CLIP mean/std, bicubic; no weights needed), on random-pixel
+JPEGs (quality 85):
+
+1. decode and preprocess ms per image from 640x480 to 4032x3024, with the PIL processor and
+   (when torchvision imports) the torchvision one; and a draft decode (Pillow's JPEG scale-down,
+   kept at least as large as the image's target grid), measured here only: it is not in the product;
+2. images/s of decode + preprocess that a pool of threads, and of processes, sustains;
+3. the stall of a model thread while the pool is busy. The model thread is a STAND-IN (bench-only):
+   a pure-Python loop that holds the GIL for ~2 ms per "decode step" the way ``generate``'s Python
+   loop does between kernels; its stall is the step time beyond its time with the pool idle.
+
+Prints one line per figure and writes preprocess.json and preprocess.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from bench.decode import jpeg
+from worker.fetch.images import FetchPolicy, decode_image
+
+CONFIG = Path(__file__).with_name("llava-v1.6-vicuna-7b-config.json")
+SIZES = ((640, 480), (1280, 960), (1920, 1080), (4032, 3024))
+# llava-hf/llava-v1.6-vicuna-7b-hf's preprocessor_config.json, less the pinpoints (read from CONFIG).
+PROCESSOR_SETTINGS: dict[str, Any] = {
+    "size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}, "do_center_crop": True, "do_pad": True,
+    "resample": 3, "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+}
+_POLICY = FetchPolicy(allowed_hosts=())
+
+
+def say(message: str) -> None:
+    print(f"[preprocess {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def pinpoints() -> list[list[int]]:
+    return json.loads(CONFIG.read_text())["image_grid_pinpoints"]
+
+
+def processor(kind: str) -> Any:
+    """The 7B's image processor: ``pil`` (no torchvision needed) or ``torchvision``."""
+    from transformers.models.llava_next import image_processing_pil_llava_next as pil_module
+
+    settings = {**PROCESSOR_SETTINGS, "image_grid_pinpoints": pinpoints()}
+    if kind == "pil":
+        return pil_module.LlavaNextImageProcessorPil(**settings)
+    import torchvision  # noqa: F401 - the torchvision backend needs it; ImportError says why it is missing
+    from transformers import LlavaNextImageProcessor
+
+    return LlavaNextImageProcessor(**settings)
+
+
+def draft_decode(data: bytes) -> Image.Image:
+    """Pillow's JPEG draft mode: decode at 1/2, 1/4 or 1/8 scale, never below the target grid's size."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    image = Image.open(io.BytesIO(data))
+    height, width = select_best_resolution((image.height, image.width), pinpoints())
+    scale = min(1.0, max(width / image.width, height / image.height))
+    image.draft("RGB", (max(1, int(image.width * scale)), max(1, int(image.height * scale))))
+    return image.convert("RGB")
+
+
+def _ms(fn: Any, repeats: int) -> tuple[float, Any]:
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return round(statistics.median(times), 1), out
+
+
+def per_image(images: dict[tuple[int, int], bytes], processors: dict[str, Any], *, repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for (width, height), data in images.items():
+        decode_ms, image = _ms(lambda data=data: decode_image(data, _POLICY), repeats)
+        row: dict[str, Any] = {"size": f"{width}x{height}", "decode_ms": decode_ms}
+        for name, proc in processors.items():
+            row[f"preprocess_ms_{name}"], _ = _ms(lambda proc=proc, image=image: proc(images=image, return_tensors="pt"), repeats)
+        row["draft_decode_ms"], small = _ms(lambda data=data: draft_decode(data), repeats)
+        row["draft_size"] = f"{small.width}x{small.height}"
+        row["preprocess_ms_pil_after_draft"], _ = _ms(lambda small=small: processors["pil"](images=small, return_tensors="pt"), repeats)
+        say(f"{row}")
+        rows.append(row)
+    return rows
+
+
+_WORKER_PROCESSOR: Any = None
+
+
+def _prepare_one(data: bytes) -> int:
+    """Decode + preprocess one image with the PIL processor (per process, built once)."""
+    global _WORKER_PROCESSOR
+    if _WORKER_PROCESSOR is None:
+        _WORKER_PROCESSOR = processor("pil")
+    out = _WORKER_PROCESSOR(images=decode_image(data, _POLICY), return_tensors="pt")
+    return int(out["pixel_values"].shape[1])
+
+
+def _stand_in_model(stop: threading.Event, steps: list[float], *, step_ms: float = 2.0) -> None:
+    """BENCH-ONLY stand-in for generate's Python loop: holds the GIL ~step_ms per step, records each step's wall time."""
+    spins = 0
+    calibrate = time.perf_counter()
+    while time.perf_counter() - calibrate < step_ms / 1000:
+        spins += 1
+    while not stop.is_set():
+        start = time.perf_counter()
+        for _ in range(spins):
+            pass
+        steps.append((time.perf_counter() - start) * 1000)
+
+
+def _model_steps(seconds: float) -> list[float]:
+    stop, steps = threading.Event(), []
+    thread = threading.Thread(target=_stand_in_model, args=(stop, steps), daemon=True)
+    thread.start()
+    time.sleep(seconds)
+    stop.set()
+    thread.join()
+    return steps
+
+
+def pool_run(kind: str, workers: int, data: list[bytes], *, seconds: float, idle_steps: list[float]) -> dict[str, Any]:
+    """Images/s of a pool kept full for ``seconds``, with the stand-in model thread running beside it."""
+    pool_cls = ThreadPoolExecutor if kind == "threads" else ProcessPoolExecutor
+    with pool_cls(max_workers=workers) as pool:
+        list(pool.map(_prepare_one, data[:workers]))  # warm: processors built, imports done
+        stop, steps = threading.Event(), []
+        model = threading.Thread(target=_stand_in_model, args=(stop, steps), daemon=True)
+        model.start()
+        done, start = 0, time.perf_counter()
+        futures = [pool.submit(_prepare_one, data[i % len(data)]) for i in range(workers * 2)]
+        i = len(futures)
+        while time.perf_counter() - start < seconds:
+            futures.pop(0).result()
+            done += 1
+            futures.append(pool.submit(_prepare_one, data[i % len(data)]))
+            i += 1
+        elapsed = time.perf_counter() - start
+        stop.set()
+        model.join()
+        for future in futures:
+            future.cancel()
+    alone = statistics.median(idle_steps)
+    stall = sum(max(0.0, s - alone) for s in steps)
+    ordered = sorted(steps)
+    return {
+        "pool": kind, "workers": workers, "images_per_s": round(done / elapsed, 2),
+        "model_step_ms_alone_p50": round(alone, 2), "model_step_ms_p50": round(ordered[len(ordered) // 2], 2),
+        "model_step_ms_p99": round(ordered[int(len(ordered) * 0.99)], 2),
+        # Of each second of the stand-in model's time, how much went to waiting for the GIL or a core.
+        "model_stall_ms_per_s": round(1000 * stall / elapsed, 1),
+        "model_steps_per_s": round(len(steps) / elapsed, 1), "model_steps_per_s_alone": round(1000 / alone, 1),
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    names = [k.removeprefix("preprocess_ms_") for k in result["per_image"][0] if k.startswith("preprocess_ms_") and "draft" not in k]
+    lines = [
+        "# The GPU host's CPU side: decode and LlavaNext preprocessing at the 7B's settings", "",
+        f"Run at {meta['started_at']} on {meta['machine']} ({meta['cores']} cores), Python {meta['python']}, "
+        f"transformers {meta['transformers']}, Pillow {meta['pillow']}. Command: `{meta['command']}`. "
+        "Random-pixel JPEGs, quality 85; medians of "
+        f"{meta['repeats']} runs. Processor: 336-pixel tiles, pinpoints {meta['pinpoints']}.", "",
+        f"Torchvision processor: {result['torchvision']}.", "",
+        "| image | decode ms | " + " | ".join(f"preprocess ms ({n})" for n in names)
+        + " | draft decode ms (not in product) | draft size | preprocess ms after draft (pil) |",
+        "|---|---:|" + "---:|" * len(names) + "---:|---|---:|",
+    ]
+    for row in result["per_image"]:
+        cells = " | ".join(str(row[f"preprocess_ms_{n}"]) for n in names)
+        lines.append(f"| {row['size']} | {row['decode_ms']} | {cells} | {row['draft_decode_ms']} | {row['draft_size']} "
+                     f"| {row['preprocess_ms_pil_after_draft']} |")
+    lines += ["", f"## Fetch pool: decode + preprocess (pil) of {result['pool_mix']}, with a stand-in model thread", "",
+              "The model thread is a BENCH-ONLY stand-in: a pure-Python loop holding the GIL ~2 ms per step, as generate's "
+              "Python loop does between kernels. Stall: its step time beyond its time alone, per second of the run.", "",
+              "| pool | workers | images/s | model step ms alone (p50) | step ms p50 | step ms p99 | stall ms per s | steps/s (alone) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for run in result["pools"]:
+        lines.append(f"| {run['pool']} | {run['workers']} | {run['images_per_s']} | {run['model_step_ms_alone_p50']} "
+                     f"| {run['model_step_ms_p50']} | {run['model_step_ms_p99']} | {run['model_stall_ms_per_s']} "
+                     f"| {run['model_steps_per_s']} ({run['model_steps_per_s_alone']}) |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.preprocess", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/preprocess"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=8.0, help="per pool run")
+    parser.add_argument("--workers", default="2,4", help="pool sizes, comma-separated")
+    args = parser.parse_args(argv)
+    import PIL
+    import transformers
+
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    images = {size: jpeg(*size, seed=i) for i, size in enumerate(SIZES)}
+    processors = {"pil": processor("pil")}
+    try:
+        processors["torchvision"] = processor("torchvision")
+        torchvision_note = "measured"
+    except ImportError as exc:
+        torchvision_note = f"not measured: {exc} (torchvision is not installed beside the pinned torch CPU build)"
+    say(f"torchvision processor: {torchvision_note}")
+    rows = per_image(images, processors, repeats=args.repeats)
+    # The pool's mix: one phone photo per full-HD frame, as a bulk annotation of mixed sources might be.
+    mix = [images[(4032, 3024)], images[(1920, 1080)]]
+    idle = _model_steps(2.0)
+    pools = []
+    for kind in ("threads", "processes"):
+        for workers in (int(w) for w in args.workers.split(",")):
+            run = pool_run(kind, workers, mix, seconds=args.seconds, idle_steps=idle)
+            say(f"{run}")
+            pools.append(run)
+    result = {
+        "meta": {"started_at": started, "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                 "python": platform.python_version(), "transformers": transformers.__version__, "pillow": PIL.__version__,
+                 "command": shlex.join([Path(sys.executable).name, "-m", "bench.preprocess", *(argv if argv is not None else sys.argv[1:])]),
+                 "repeats": args.repeats, "pinpoints": pinpoints()},
+        "torchvision": torchvision_note, "per_image": rows, "pool_mix": "4032x3024 and 1920x1080 alternately", "pools": pools,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "preprocess.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "preprocess.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
