@@ -117,12 +117,22 @@ def _prepare_one(data: bytes) -> int:
     return int(out["pixel_values"].shape[1])
 
 
-def _stand_in_model(stop: threading.Event, steps: list[float], *, step_ms: float = 2.0) -> None:
-    """BENCH-ONLY stand-in for generate's Python loop: holds the GIL ~step_ms per step, records each step's wall time."""
-    spins = 0
-    calibrate = time.perf_counter()
-    while time.perf_counter() - calibrate < step_ms / 1000:
-        spins += 1
+def calibrate_spins(step_ms: float = 2.0) -> int:
+    """Loop iterations that take ``step_ms`` with the machine otherwise idle (measured once, before any pool starts)."""
+    probe, start = 500_000, time.perf_counter()
+    for _ in range(probe):
+        pass
+    return max(1, int(probe * step_ms / 1000 / (time.perf_counter() - start)))
+
+
+_SPINS: list[int] = []
+
+
+def _stand_in_model(stop: threading.Event, steps: list[float]) -> None:
+    """BENCH-ONLY stand-in for generate's Python loop: holds the GIL ~2 ms per step, records each step's wall time."""
+    if not _SPINS:
+        _SPINS.append(calibrate_spins())
+    spins = _SPINS[0]
     while not stop.is_set():
         start = time.perf_counter()
         for _ in range(spins):
@@ -169,7 +179,7 @@ def pool_run(kind: str, workers: int, data: list[bytes], *, seconds: float, idle
         "model_step_ms_alone_p50": round(alone, 2), "model_step_ms_p50": round(ordered[len(ordered) // 2], 2),
         "model_step_ms_p99": round(ordered[int(len(ordered) * 0.99)], 2),
         # Of each second of the stand-in model's time, how much went to waiting for the GIL or a core.
-        "model_stall_ms_per_s": round(1000 * stall / elapsed, 1),
+        "model_stall_ms_per_s": round(stall / elapsed, 1),
         "model_steps_per_s": round(len(steps) / elapsed, 1), "model_steps_per_s_alone": round(1000 / alone, 1),
     }
 
