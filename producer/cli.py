@@ -309,6 +309,10 @@ from producer.events_cli import app as events_app  # noqa: E402 - as bulk_app
 
 app.add_typer(events_app, name="events")
 
+from producer.webhooks.cli import app as webhooks_app  # noqa: E402 - as bulk_app
+
+app.add_typer(webhooks_app, name="webhooks")
+
 
 def main() -> None:
     app()
