@@ -305,6 +305,14 @@ from producer.bulk.cli import app as bulk_app  # noqa: E402 - after _settings an
 
 app.add_typer(bulk_app, name="bulk")
 
+from producer.events_cli import app as events_app  # noqa: E402 - as bulk_app
+
+app.add_typer(events_app, name="events")
+
+from producer.webhooks.cli import app as webhooks_app  # noqa: E402 - as bulk_app
+
+app.add_typer(webhooks_app, name="webhooks")
+
 
 def main() -> None:
     app()

@@ -20,7 +20,8 @@
     │   ├── JobExpired            its deadline passed before it reached the model (expired)
     │   ├── MessageRejected       a queue entry that is no valid job message (message_rejected);
     │   │                         it goes to the dead-letter list, never to the model
-    │   └── CorruptRecord         a stored record that does not parse as a Record (corrupt_record)
+    │   ├── CorruptRecord         a stored record that does not parse as a Record (corrupt_record)
+    │   └── WebhookRefused        a webhook URL the SSRF guard refuses (blocked_address, bad_url, ...)
     └── JobFailed                 raised to producers when a job ended in a failed record
 
 The retry decision is one ``isinstance(exc, TransientError)``. Third-party errors
@@ -139,6 +140,12 @@ class CorruptRecord(PermanentError):
     """
 
     code = "corrupt_record"
+
+
+class WebhookRefused(PermanentError):
+    """A webhook URL that may not be called (producer/webhooks/post.py): retrying cannot help."""
+
+    code = "webhook_refused"
 
 
 class JobFailed(VQAError):

@@ -161,3 +161,26 @@ def bulk_segment_object(prefix: str, bulk_id: str, seq: int) -> str:
 def api_idempotency_key(scope: str, key_digest: str) -> str:
     """The fingerprint of the request first sent with an Idempotency-Key (hashed) on one endpoint."""
     return f"vqa:api:idempotency:{scope}:{key_digest}"
+
+
+# -- completion events and webhooks (worker/completions.py, producer/webhooks/) -----------------
+
+
+def event_sent_key(job_id: str) -> str:
+    """Set (NX, with a TTL) in the same script that appends the job's completion event: one event per record."""
+    return f"vqa:event-sent:{job_id}"
+
+
+def webhook_pending_key() -> str:
+    """Hash: delivery id -> the delivery (JSON: url, body, attempt), for every delivery not done yet."""
+    return "vqa:webhooks:pending"
+
+
+def webhook_due_key() -> str:
+    """Sorted set: delivery id -> when it is due (a retry's time, or the lease of one in flight)."""
+    return "vqa:webhooks:due"
+
+
+def webhook_done_key(delivery_id: str) -> str:
+    """Set (with a TTL) once a delivery succeeded: a duplicate completion event is not delivered again."""
+    return f"vqa:webhooks:done:{delivery_id}"

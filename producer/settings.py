@@ -125,6 +125,29 @@ class Settings(BaseSettings):
     # {bucket, prefix, suffix, questions, ...}; see producer/ingest/rules.py. Unset: nothing matches.
     ingest_rules: str | None = None
 
+    # Completion events (worker/completions.py): after a job's record is stored, the worker
+    # appends an event to this Redis Stream, trimmed approximately to events_maxlen entries.
+    events_enabled: bool = True
+    events_stream: str = Field(default="vqa:events", min_length=1)
+    events_maxlen: int = Field(default=1_000_000, ge=100)
+    # How long a job's "event sent" marker lives: a redelivery within it emits no second event.
+    events_dedupe_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+
+    # Webhooks (`vqa webhooks`, producer/webhooks/): Standard Webhooks secrets (whsec_..., comma-
+    # separated; each signs every delivery, so receivers can rotate), the retry schedule in
+    # seconds after the first try (the specification's: 5s, 5m, 30m, 2h, 5h, 10h, 10h), deadlines.
+    webhook_secrets: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_connect_timeout_s: float = Field(default=5.0, gt=0)
+    webhook_max_response_bytes: int = Field(default=64 * 1024, ge=0)
+    webhook_concurrency: int = Field(default=32, ge=1, le=1024)  # deliveries in flight per dispatcher
+    webhook_per_host: int = Field(default=4, ge=1)  # of those, at most this many to one host
+    webhook_group: str = Field(default="vqa-webhooks", min_length=1)  # the dispatchers' consumer group
+    webhook_dead_stream: str = Field(default="vqa:webhooks:dead", min_length=1)
+
     # Test-only fault hooks, off by default (tests/reliability uses them; see docs/reliability.md).
     # A batch larger than this raises out-of-memory.
     fault_oom_above_batch: int = Field(default=0, ge=0)
@@ -163,11 +186,26 @@ class Settings(BaseSettings):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return value
 
-    @field_validator("allowed_hosts", "image_formats", "image_s3_buckets", "api_tokens", mode="before")
+    @field_validator("allowed_hosts", "image_formats", "image_s3_buckets", "api_tokens", "webhook_secrets", "webhook_retry_schedule", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_secrets")
+    @classmethod
+    def _check_secrets(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for secret in value:
+            if not secret.get_secret_value().startswith("whsec_"):
+                raise ValueError("webhook secrets must be in the whsec_<base64> form")
+        return value
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _check_schedule(cls, value: list[float]) -> list[float]:
+        if any(delay < 0 for delay in value):
+            raise ValueError("retry delays must be >= 0 seconds")
         return value
 
     @field_validator("allowed_hosts")

@@ -87,6 +87,11 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, s3_client: A
     )
     # Bulk runs' counts and completion logs: on every worker (a no-op for jobs of no run).
     hooks = Hooks([JobLog(), BulkRuns(client=jobs_redis, s3_client=s3, settings=settings)])
+    if settings.events_enabled:
+        from worker.completions import CompletionEvents
+
+        # Before the ack, on the store pool: a record's event is durable before its message goes (worker/completions.py).
+        hooks.add(CompletionEvents(jobs_redis, settings=settings))
     runner = BatchRunner(
         settings=settings, engine=engine, store=store, counters=counters, worker_name=worker_name, stopping=stopping, hooks=hooks
     )

@@ -243,6 +243,9 @@ class _Watchdog:
                 return
 
 
+# Webhook delivery (producer/webhooks/post.py) bounds its exchange the same way.
+Watchdog = _Watchdog
+
 # --------------------------------------------------------------------------- S3
 
 # S3 error codes that mean "try again later" even when the HTTP status says 4xx.
