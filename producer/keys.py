@@ -50,13 +50,32 @@ def dead_letters_key(queue: str) -> str:
 
 
 def unacked_key(queue: str) -> str:
-    """Hash: delivery tag -> raw message, for every message a worker took and has not acked (worker/broker.py)."""
+    """The shared unacked hash of workers before per-worker ownership (delivery tag -> raw message).
+
+    New workers take nothing into it; they restore what old workers left there after the
+    visibility timeout, so a rolling upgrade loses nothing (worker/broker.py).
+    """
     return f"vqa:unacked:{queue}"
 
 
 def unacked_index_key(queue: str) -> str:
-    """Sorted set: delivery tag -> the Redis time it was taken; past the visibility timeout it goes back to the queue."""
+    """Sorted set beside :func:`unacked_key`: delivery tag -> the Redis time it was taken."""
     return f"vqa:unacked-index:{queue}"
+
+
+def worker_unacked_prefix(queue: str) -> str:
+    """What a worker's own unacked hash name starts with; the consumer id follows."""
+    return f"vqa:unacked:{queue}:worker:"
+
+
+def worker_unacked_key(queue: str, consumer_id: str) -> str:
+    """Hash: delivery id -> raw message, for every message this one worker took and has not settled."""
+    return worker_unacked_prefix(queue) + consumer_id
+
+
+def heartbeats_key(queue: str) -> str:
+    """Sorted set: consumer id -> the Redis time of its last heartbeat; an old one means a dead worker."""
+    return f"vqa:heartbeats:{queue}"
 
 
 # kombu's Redis transport keeps one list per priority step: a message with priority p (0-9,

@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     # another worker. Must exceed max_batch_delay + the longest batch + the prefetch backlog;
     # see docs/reliability.md.
     visibility_timeout: int = Field(default=1800, ge=5)
+    # Recovery by liveness (worker/broker.py, worker/heartbeat.py): every worker beats this often
+    # from its own thread; once a worker's last beat is older than the timeout, live workers put
+    # its messages back on the queue. The visibility timeout above now only governs messages
+    # left in the shared unacked set by workers of before (a rolling upgrade).
+    heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    heartbeat_timeout_s: float = Field(default=15.0, ge=1)
 
     # Storage
     s3_endpoint_url: str | None = None
@@ -172,6 +178,13 @@ class Settings(BaseSettings):
         # Redis URLs carry the password; a repr of the settings may end up in a log or a traceback.
         for name, value in super().__repr_args__():
             yield name, maybe_sanitize_url(value) if name in _URL_FIELDS and isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _heartbeats_fit_the_timeout(self) -> Settings:
+        # Three beats per timeout: one lost or late beat never makes a live worker look dead.
+        if self.heartbeat_interval_s * 3 > self.heartbeat_timeout_s:
+            raise ValueError("heartbeat_interval_s must be at most a third of heartbeat_timeout_s")
+        return self
 
     @model_validator(mode="after")
     def _key_with_certificate(self) -> Settings:

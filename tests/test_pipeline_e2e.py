@@ -17,6 +17,7 @@ from producer.client import VQAClient
 from producer.errors import JobFailed
 from producer.schema import GenerationSettings
 from producer.settings import Settings
+from worker.broker import held_messages
 from worker.dev.services import WorkerProcess, free_port
 from tests.support.images import SIZES
 
@@ -176,7 +177,7 @@ def test_an_unreadable_stored_record_fails_its_job_alone_and_is_kept(
     assert client.result(ids[0]) == broken
     # Acked: nothing of the job is left unacknowledged or queued.
     broker = redis.Redis.from_url(stack_env["VQA_BROKER_URL"])
-    assert broker.hlen(keys.unacked_key("vqa")) == 0 and sum(broker.llen(key) for key in keys.priority_queue_keys("vqa")) == 0
+    assert not held_messages(broker, "vqa") and sum(broker.llen(key) for key in keys.priority_queue_keys("vqa")) == 0
     broker.close()
     assert "Traceback" not in worker.log
 

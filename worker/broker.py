@@ -11,25 +11,38 @@ the lists Celery and kombu push to, one per priority step (producer/keys.py), se
 serves them: the bare queue name (priority 0-2) first, then 3-5, 6-8 and 9 — except that every
 ``LOWER_LANE_EVERY``-th pop starts from a lower list (each in turn), so no lane starves forever.
 
+Ownership and liveness (as dramatiq's Redis broker does it): each worker process records what it
+takes in its own unacked hash and keeps a heartbeat in Redis (worker/heartbeat.py, from a
+thread of its own, so a long batch never misses one). About once a second every worker runs the
+restore step: the messages of workers whose heartbeat is older than the heartbeat timeout go
+back to the head of their priority's list, in one Lua script. A slow but alive worker keeps its
+messages however long a batch takes; a dead one's come back within the heartbeat timeout.
+
+Each delivery gets its own id (``<consumer id>.<n>``), the field of the worker's hash. Once a
+dead (or cut-off) worker's messages are restored, its hash is gone: an ack or hand-back it sends
+later finds nothing and is refused (False), and the ledger counts it (worker/ledger.py).
+
 Layout (key names in producer/keys.py):
 
-    <queue>, <queue>\x06\x163 ...  lists: producers LPUSH, workers RPOP (oldest first)
-    vqa:unacked:<queue>         hash: tag -> raw message, for every taken, unacked message
-    vqa:unacked-index:<queue>   zset: tag -> when it was taken (Redis server time, seconds)
-    vqa:dead-letters:<queue>    list: entries refused at intake (worker/intake.py), with the reason
+    <queue>, <queue>\x06\x163 ...          lists: producers LPUSH, workers RPOP (oldest first)
+    vqa:unacked:<queue>:worker:<id>        hash: delivery id -> raw message, per worker process
+    vqa:heartbeats:<queue>                 zset: consumer id -> its last heartbeat (Redis time)
+    vqa:unacked:<queue> + vqa:unacked-index:<queue>
+                                           the shared unacked set of workers before ownership:
+                                           nothing new goes in; what is there is restored after
+                                           the visibility timeout, as old workers did (migration)
+    vqa:dead-letters:<queue>               list: entries refused at intake (worker/intake.py)
 
-A message's tag is the SHA-1 of its raw bytes, so a message pushed back keeps its tag. It goes
-back to the head of its priority's list when a worker hands it back (:meth:`RedisQueue.requeue`) or when
-it has been unacked longer than the visibility timeout (:meth:`RedisQueue.restore_expired`,
-which every worker runs about once a second). Redis server time is used throughout, so worker
-clocks do not matter.
+Redis server time is used throughout, so worker clocks do not matter. The restore script names a
+dead worker's hash from its id, a key not passed in KEYS: fine on one Redis (and under
+Sentinel), not on Redis Cluster (docs/reliability.md).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
+import uuid
 from dataclasses import dataclass
 
 import redis
@@ -46,109 +59,174 @@ DEAD_LETTER_RAW_BYTES = 16 * 1024
 # high-priority jobs each lower lane still gets a pop in every LOWER_LANE_EVERY x 3.
 LOWER_LANE_EVERY = 10
 
-# KEYS: unacked hash, unacked index, then the queue's lists in the order they are served.
-# ARGV: how many to take; which list to start from (0: the highest priority; see LOWER_LANE_EVERY).
+# KEYS: this worker's unacked hash, the heartbeats, then the queue's lists in the order they are served.
+# ARGV: how many to take; which list to start from (0: the highest priority; see LOWER_LANE_EVERY);
+# the consumer id; the number of this worker's next delivery. Returns id, raw, id, raw, ...
+# Taking is proof of life too: the heartbeat is refreshed, so an owned hash always has one.
 _POP = """
 local now = redis.call('TIME')
-local taken_at = now[1] + now[2] / 1000000
 local out = {}
 local lanes = #KEYS - 2
 local first = tonumber(ARGV[2]) or 0
+local seq = tonumber(ARGV[4])
 local tried = 0
-while #out < tonumber(ARGV[1]) and tried < lanes do
+while #out < 2 * tonumber(ARGV[1]) and tried < lanes do
   local list = 3 + (first + tried) % lanes
   local raw = redis.call('RPOP', KEYS[list])
   if raw then
-    local tag = redis.sha1hex(raw)
-    redis.call('HSET', KEYS[1], tag, raw)
-    redis.call('ZADD', KEYS[2], taken_at, tag)
+    local id = ARGV[3] .. '.' .. seq
+    seq = seq + 1
+    redis.call('HSET', KEYS[1], id, raw)
+    out[#out + 1] = id
     out[#out + 1] = raw
   else
     tried = tried + 1
   end
 end
+if #out > 0 then redis.call('ZADD', KEYS[2], now[1] + now[2] / 1000000, ARGV[3]) end
 return out
 """
 
 # Which list a message goes back to: kombu's rule (properties.priority clamped to 0-9, then the
-# highest step at or below it). KEYS[3..6] are the lists of steps 0, 3, 6, 9.
+# highest step at or below it). KEYS[base..base+3] are the lists of steps 0, 3, 6, 9.
 _LIST_FOR = """
-local function list_for(raw)
+local function list_for(raw, base)
   local ok, message = pcall(cjson.decode, raw)
   local priority = 0
   if ok and type(message) == 'table' and type(message.properties) == 'table' then
     priority = tonumber(message.properties.priority) or 0
   end
-  if priority >= 9 then return KEYS[6] end
-  if priority >= 6 then return KEYS[5] end
-  if priority >= 3 then return KEYS[4] end
-  return KEYS[3]
+  if priority >= 9 then return KEYS[base + 3] end
+  if priority >= 6 then return KEYS[base + 2] end
+  if priority >= 3 then return KEYS[base + 1] end
+  return KEYS[base]
 end
 """
 
+# KEYS: this worker's unacked hash, the lists. ARGV: the delivery id. 0: not ours (any more).
 _REQUEUE = _LIST_FOR + """
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-if raw then
-  redis.call('RPUSH', list_for(raw), raw)
-  return 1
-end
-return 0
+redis.call('RPUSH', list_for(raw, 2), raw)
+return 1
 """
 
+# The restore step. KEYS: heartbeats, the shared (old) unacked hash and index, the lists.
+# ARGV: heartbeat timeout, visibility timeout (old set), limit, worker hash prefix, own id.
 _RESTORE = _LIST_FOR + """
 local now = redis.call('TIME')
-local ceiling = now[1] + now[2] / 1000000 - tonumber(ARGV[1])
-local tags = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ceiling, 'LIMIT', 0, tonumber(ARGV[2]))
-for _, tag in ipairs(tags) do
-  local raw = redis.call('HGET', KEYS[1], tag)
-  redis.call('HDEL', KEYS[1], tag)
-  redis.call('ZREM', KEYS[2], tag)
-  if raw then redis.call('RPUSH', list_for(raw), raw) end
+local now_s = now[1] + now[2] / 1000000
+local limit = tonumber(ARGV[3])
+local restored = 0
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_s - tonumber(ARGV[1]), 'LIMIT', 0, limit)
+for _, worker in ipairs(dead) do
+  if worker ~= ARGV[5] then
+    local hash = ARGV[4] .. worker
+    for _, raw in ipairs(redis.call('HVALS', hash)) do
+      redis.call('RPUSH', list_for(raw, 4), raw)
+      restored = restored + 1
+    end
+    redis.call('DEL', hash)
+    redis.call('ZREM', KEYS[1], worker)
+  end
 end
-return #tags
+local tags = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now_s - tonumber(ARGV[2]), 'LIMIT', 0, limit)
+for _, tag in ipairs(tags) do
+  local raw = redis.call('HGET', KEYS[2], tag)
+  redis.call('HDEL', KEYS[2], tag)
+  redis.call('ZREM', KEYS[3], tag)
+  if raw then
+    redis.call('RPUSH', list_for(raw, 4), raw)
+    restored = restored + 1
+  end
+end
+return restored
 """
+
+# A worker leaving: what it still holds goes back now, and its heartbeat goes.
+# KEYS: this worker's unacked hash, the heartbeats, the lists. ARGV: the consumer id.
+_RETIRE = _LIST_FOR + """
+local raws = redis.call('HVALS', KEYS[1])
+for _, raw in ipairs(raws) do redis.call('RPUSH', list_for(raw, 3), raw) end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return #raws
+"""
+
+# The heartbeat. KEYS: the heartbeats. ARGV: the consumer id. 1: it was missing (first beat, or
+# this worker was presumed dead and its messages went to others); 0: refreshed.
+_BEAT = """
+local now = redis.call('TIME')
+return redis.call('ZADD', KEYS[1], now[1] + now[2] / 1000000, ARGV[1])
+"""
+
+# Once a worker's heartbeat is this old, live workers restore its messages (VQA_HEARTBEAT_TIMEOUT_S).
+DEFAULT_HEARTBEAT_TIMEOUT_S = 15.0
+
 
 @dataclass(frozen=True)
 class Delivery:
-    """A raw message taken off the queue, recorded as unacked under ``tag``."""
+    """A raw message taken off the queue, recorded in this worker's unacked hash under ``tag`` (its delivery id)."""
 
     tag: str
     raw: bytes
 
 
-class RedisQueue:
-    """The reliable consuming side of one Celery queue in Redis; every method is one atomic step."""
+def new_consumer_id(worker_name: str) -> str:
+    """The id a worker process owns its messages under: its name plus a random part, so a restart is a new owner."""
+    return f"{worker_name}~{uuid.uuid4().hex[:12]}"
 
-    def __init__(self, client: redis.Redis, *, queue: str, lower_lane_every: int = LOWER_LANE_EVERY) -> None:
+
+class RedisQueue:
+    """The reliable consuming side of one Celery queue in Redis, for one worker process; every method is one atomic step."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        queue: str,
+        consumer_id: str | None = None,
+        heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
+        lower_lane_every: int = LOWER_LANE_EVERY,
+    ) -> None:
         self.client = client
         self.queue = queue
+        self.consumer_id = consumer_id or new_consumer_id("vqa")
+        self.heartbeat_timeout_s = heartbeat_timeout_s
         self._lower_lane_every = lower_lane_every
         self._pops = 0
-        self._keys = [keys.unacked_key(queue), keys.unacked_index_key(queue), *keys.priority_queue_keys(queue)]
+        self._next_delivery = 1
+        self._lists = keys.priority_queue_keys(queue)
+        self._owned = keys.worker_unacked_key(queue, self.consumer_id)
+        self._heartbeats = keys.heartbeats_key(queue)
         self._dead_letters = keys.dead_letters_key(queue)
         self._pop = client.register_script(_POP)
         self._requeue = client.register_script(_REQUEUE)
         self._restore = client.register_script(_RESTORE)
+        self._retire = client.register_script(_RETIRE)
+        self._beat = client.register_script(_BEAT)
 
     @classmethod
-    def from_url(cls, url: str, *, queue: str) -> RedisQueue:
-        # No automatic retries: a pop retried after a lost reply would take more messages while
-        # the first ones wait for the visibility timeout. The consumer retries, after a pause.
-        return cls(redis_client(url, retries=False), queue=queue)
+    def from_url(cls, url: str, *, queue: str, consumer_id: str | None = None,
+                 heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S) -> RedisQueue:
+        # No automatic retries: a pop retried after a lost reply would take more messages, held
+        # by nobody until this worker's heartbeat times out. The consumer retries, after a pause.
+        return cls(redis_client(url, retries=False), queue=queue, consumer_id=consumer_id, heartbeat_timeout_s=heartbeat_timeout_s)
 
     def pop(self, limit: int) -> list[Delivery]:
-        """Take up to ``limit`` messages, highest priority first and oldest first within it, each recorded as unacked in the same step.
+        """Take up to ``limit`` messages, highest priority first and oldest first within it, each recorded as this worker's in the same step.
 
         Every ``lower_lane_every``-th call starts from a lower priority's list instead (then goes
         on down and wraps round to the top), so lower lanes are served under a flood of higher ones.
         """
         if limit <= 0:
             return []
-        raws = self._pop(keys=self._keys, args=[limit, self._first_list()])
-        # The tag is what the script keyed the unacked entry by.
-        return [Delivery(tag=hashlib.sha1(raw).hexdigest(), raw=raw) for raw in raws]  # noqa: S324 - an id, not security
+        out = self._pop(keys=[self._owned, self._heartbeats, *self._lists],
+                        args=[limit, self._first_list(), self.consumer_id, self._next_delivery])
+        deliveries = [Delivery(tag=out[i].decode(), raw=out[i + 1]) for i in range(0, len(out), 2)]
+        self._next_delivery += len(deliveries)
+        return deliveries
 
     def _first_list(self) -> int:
         """0 (the top priority first), except on every ``lower_lane_every``-th pop: then the next lower list in turn."""
@@ -158,19 +236,16 @@ class RedisQueue:
         lower = len(keys.PRIORITY_STEPS) - 1
         return 1 + (self._pops // self._lower_lane_every - 1) % lower
 
-    def ack(self, tag: str) -> None:
-        """The message is done with (its record is stored, or it is refused): forget it."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hdel(self._keys[0], tag)
-        pipe.zrem(self._keys[1], tag)
-        pipe.execute()
+    def ack(self, tag: str) -> bool:
+        """The message is done with (its record is stored, or it is refused): forget it. False: not ours any more (refused)."""
+        return bool(self.client.hdel(self._owned, tag))
 
     def requeue(self, tag: str) -> bool:
-        """Hand the message back to the head of its priority's list; False if it was no longer unacked."""
-        return bool(self._requeue(keys=self._keys, args=[tag]))
+        """Hand the message back to the head of its priority's list; False: not ours any more (refused)."""
+        return bool(self._requeue(keys=[self._owned, *self._lists], args=[tag]))
 
     def dead_letter(self, tag: str, raw: bytes, *, reason: str) -> None:
-        """Move a refused entry from unacked to the dead-letter list, with why it was refused (one transaction)."""
+        """Move a refused entry from this worker's unacked hash to the dead-letter list, with why it was refused (one transaction)."""
         letter = json.dumps(
             {
                 "reason": reason[:1000],
@@ -183,8 +258,7 @@ class RedisQueue:
         pipe = self.client.pipeline(transaction=True)
         pipe.lpush(self._dead_letters, letter)
         pipe.ltrim(self._dead_letters, 0, DEAD_LETTERS_KEPT - 1)
-        pipe.hdel(self._keys[0], tag)
-        pipe.zrem(self._keys[1], tag)
+        pipe.hdel(self._owned, tag)
         pipe.execute()
 
     def dead_letters(self, limit: int = 100) -> list[dict[str, object]]:
@@ -192,5 +266,24 @@ class RedisQueue:
         return [json.loads(item) for item in self.client.lrange(self._dead_letters, 0, limit - 1)]
 
     def restore_expired(self, visibility_timeout: float, *, limit: int = 1000) -> int:
-        """Put messages unacked for longer than ``visibility_timeout`` back at the head of the queue; how many."""
-        return int(self._restore(keys=self._keys, args=[visibility_timeout, limit]))
+        """The restore step: messages of workers silent past the heartbeat timeout, and old-set ones past ``visibility_timeout``, back at the head of their lists; how many."""
+        return int(self._restore(
+            keys=[self._heartbeats, keys.unacked_key(self.queue), keys.unacked_index_key(self.queue), *self._lists],
+            args=[self.heartbeat_timeout_s, visibility_timeout, limit, keys.worker_unacked_prefix(self.queue), self.consumer_id],
+        ))
+
+    def heartbeat(self) -> bool:
+        """Tell the others this worker is alive. True when its heartbeat was missing: the first beat, or it had been presumed dead."""
+        return bool(self._beat(keys=[self._heartbeats], args=[self.consumer_id]))
+
+    def retire(self) -> int:
+        """Leaving: hand back whatever this worker still holds and drop its heartbeat; how many went back."""
+        return int(self._retire(keys=[self._owned, self._heartbeats, *self._lists], args=[self.consumer_id]))
+
+
+def held_messages(client: redis.Redis, queue: str) -> list[bytes]:
+    """Every message taken and not settled, by any worker (their own hashes) or an old one (the shared set)."""
+    held = list(client.hvals(keys.unacked_key(queue)))
+    for consumer_id in client.zrange(keys.heartbeats_key(queue), 0, -1):
+        held += client.hvals(keys.worker_unacked_key(queue, consumer_id.decode()))
+    return held

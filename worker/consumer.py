@@ -28,6 +28,8 @@ Threads, and what each one owns:
     control          Celery remote control (worker/control.py): reads the job board, writes
                      revokes into the in-memory set (worker/cancels.py)
     metrics          the HTTP endpoint (worker/metrics.py), when VQA_METRICS_PORT is set
+    heartbeat        this worker's heartbeat in Redis (worker/heartbeat.py): while it beats,
+                     the messages this worker took stay its own however long a batch takes
 
 They hand work to each other through queues (``_batches``, ``_finishing``, ``_outcomes``,
 ``_ready``); the only state read across threads is counters (BatchStats, LedgerStats), the
@@ -49,12 +51,12 @@ import redis
 from producer.errors import MessageRejected, VQAError
 from producer.schema import Job
 from producer.settings import Settings
-from worker import visibility
 from worker.batching import RUNNING_AND_QUEUED, MicroBatcher, prefetch_batches
 from worker.board import JobBoard
-from worker.broker import Delivery, RedisQueue
+from worker.broker import Delivery, RedisQueue, new_consumer_id
 from worker.cancels import CancelCheck
 from worker.health import Progress
+from worker.heartbeat import Heartbeat
 from worker.hooks import Hooks
 from worker.intake import SignatureVerifier, read_message
 from worker.jobs import Outcome, Pending, Prepared
@@ -66,7 +68,7 @@ log = logging.getLogger(__name__)
 _IDLE_POLL_S = 0.2
 _BUSY_POLL_S = 0.01  # while fetches or batches are in flight: notice them finishing quickly
 _EMPTY_POLL_S = 0.05  # the queue was empty: look again this soon (it is polled, see worker/broker.py)
-_RESTORE_EVERY_S = 1.0  # how often this worker puts messages past the visibility timeout back
+_RESTORE_EVERY_S = 1.0  # how often this worker restores dead workers' messages (worker/broker.py)
 _RECONNECT_MAX_S = 10.0
 _LOOP_ERROR_PAUSE_MAX_S = 5.0  # after unexpected errors in a row, the loop pauses up to this long
 # Batches handed to the model thread whose outcomes are not back: the ones the prefetch holds
@@ -87,6 +89,7 @@ class BatchingConsumer:
         cancels: CancelCheck,
         hooks: Hooks | None = None,
         broker: RedisQueue | None = None,
+        worker_name: str = "vqa",
     ) -> None:
         self.settings = settings
         self.runner = runner
@@ -110,18 +113,21 @@ class BatchingConsumer:
         self._fetching: dict[int, Pending] = {}  # id() -> job whose fetch/preprocess is running
         self._ready: queue.SimpleQueue[Pending] = queue.SimpleQueue()  # fetched, not yet batched
         self._delayed: list[Pending] = []  # transient failures waiting for their retry time
-        self.broker = broker or RedisQueue.from_url(settings.broker_url, queue=settings.queue)
+        self.broker = broker or RedisQueue.from_url(
+            settings.broker_url, queue=settings.queue, consumer_id=new_consumer_id(worker_name),
+            heartbeat_timeout_s=settings.heartbeat_timeout_s,
+        )
+        self.heartbeat = Heartbeat(self.broker, interval_s=settings.heartbeat_interval_s)
         self.cancels = cancels
         # Where each held job is (reserved, scheduled, active), for remote control (worker/control.py).
         self.board = JobBoard()
         # Every unacked message, by job id; acks and hand-backs go through it (see worker/ledger.py).
-        self.ledger = Ledger(self.broker, visibility_timeout=settings.visibility_timeout)
+        self.ledger = Ledger(self.broker)
         self._loop_errors = 0  # unexpected errors in a row in the consumer loop
         self._broker_backoff = 0.0  # > 0 while Redis is unreachable
         self._broker_retry_at = 0.0
         self._next_restore = 0.0
         self._next_pop = 0.0  # after an empty pop, Redis is asked again only this late
-        self._slowest_batch_s = 0.0
         self._loop_at: float | None = None  # when the consumer loop last went round (worker/health.py)
         self._model_thread = threading.Thread(target=self._model_loop, name="vqa-model", daemon=True)
         # Stores each batch's records while the model runs the next one (BatchRunner.complete).
@@ -140,10 +146,8 @@ class BatchingConsumer:
         """Consume until stopped; then hand back what was not started and finish what was."""
         self._model_thread.start()
         self._writer_thread.start()
-        warning = visibility.check(self.settings, batch_s=0.0)
-        if warning:
-            log.warning("%s", warning)
-        log.info("consuming %r (batch %d, delay %d ms, prefetch %d)", self.settings.queue,
+        self.heartbeat.start()  # before the first pop: what this worker takes is never ownerless
+        log.info("consuming %r as %s (batch %d, delay %d ms, prefetch %d)", self.settings.queue, self.broker.consumer_id,
                  self.settings.max_batch_size, self.settings.max_batch_delay_ms, self.prefetch)
         try:
             while not self.stopping.is_set():
@@ -164,7 +168,7 @@ class BatchingConsumer:
                     self.stopping.wait(min(self._poll_timeout(), _EMPTY_POLL_S))
         finally:
             # Whatever ended the loop (a signal, or an error that is not an Exception), the held
-            # messages go back now rather than after the visibility timeout.
+            # messages go back now rather than after the heartbeat timeout.
             self._shutdown()
 
     def stop(self) -> None:
@@ -186,7 +190,7 @@ class BatchingConsumer:
     # -- the consumer thread ----------------------------------------------------------------
 
     def _receive(self) -> int:
-        """Restore expired messages (about once a second), then take what the prefetch has room for."""
+        """Restore dead workers' messages (about once a second), then take what the prefetch has room for."""
         now = time.monotonic()
         if now < self._broker_retry_at:
             return 0
@@ -196,7 +200,7 @@ class BatchingConsumer:
                 restored = self.broker.restore_expired(self.settings.visibility_timeout)
                 self.ledger.stats.restored += restored
                 if restored:
-                    log.warning("put %d messages unacked for over %d s back on the queue", restored, self.settings.visibility_timeout)
+                    log.warning("put %d messages of dead workers (or of old workers' shared set) back on the queue", restored)
             room = self.prefetch - len(self.ledger)
             asked = room > 0 and now >= self._next_pop
             deliveries = self.broker.pop(room) if asked else []
@@ -236,7 +240,7 @@ class BatchingConsumer:
         try:
             self.broker.dead_letter(delivery.tag, delivery.raw, reason=reason)
         except redis.RedisError:
-            return  # still unacked: it comes back after the visibility timeout and is refused again
+            return  # still ours, unacked: it comes back when this worker retires or dies, and is refused again
         self.hooks.on_rejected(delivery.tag, reason)
 
     def _tick(self) -> None:
@@ -373,7 +377,7 @@ class BatchingConsumer:
         self._model_thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self._writer_thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self._apply_outcomes()
-        # A batch still running past the grace goes back now rather than after the visibility
+        # A batch still running past the grace goes back now rather than after the heartbeat
         # timeout; if it stores its records before the process exits, the redelivery reads them.
         late = self.ledger.job_ids()
         if late:
@@ -381,8 +385,14 @@ class BatchingConsumer:
         for job_id in late:
             self._settle(job_id, "requeue")
         self.ledger.retry_unsettled()
+        self.heartbeat.stop()
         if self.ledger.unsettled:
-            log.warning("%d messages could not be settled (broker away); they come back after the visibility timeout", self.ledger.unsettled)
+            log.warning("%d messages could not be settled (broker away); they come back after the heartbeat timeout", self.ledger.unsettled)
+        else:
+            try:  # nothing should be left; whatever is (a rejected letter Redis did not take) goes back, and the heartbeat goes
+                self.broker.retire()
+            except redis.RedisError as exc:
+                log.warning("could not retire from the broker (%s); what is left comes back after the heartbeat timeout", type(exc).__name__)
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
 
     def _unqueue_batch(self) -> list[Pending]:
@@ -405,7 +415,6 @@ class BatchingConsumer:
             self.board.activate(p.job.job_id for p in batch if p.prepared is not None and p.prepared.inputs is not None and p.prepared.error is None)
             try:
                 finishing = self.runner.infer(batch)
-                self._check_visibility()
             except Exception:  # noqa: BLE001 - a bug here must not kill the thread and strand jobs
                 log.exception("batch of %d crashed; handing its jobs back", len(batch), extra=_ids(batch))
                 self._inferred += 1
@@ -429,16 +438,6 @@ class BatchingConsumer:
                 outcomes = [Outcome(pending, "requeue") for pending in batch]
             self._outcomes.put(outcomes)
             del item, batch, finishing, outcomes  # as in _model_loop
-
-    def _check_visibility(self) -> None:
-        """Re-check the visibility timeout against the slowest batch so far (warns again only when 1.5x slower)."""
-        slowest = self.runner.stats.slowest_batch_s
-        if slowest <= 1.5 * self._slowest_batch_s:
-            return
-        self._slowest_batch_s = slowest
-        warning = visibility.check(self.settings, batch_s=slowest)
-        if warning:
-            log.warning("%s", warning)
 
 
 def _ids(batch: list[Pending]) -> dict[str, list[str]]:

@@ -2,11 +2,14 @@
 
 * Messages are settled by tag on the queue (worker/broker.py), not through the connection they
   came in on: a job held across a Redis restart is acked after it like any other.
-* The same job can arrive twice while this worker still holds it (a duplicate publish, or the
-  visibility timeout handing back a message we are slow with). The second delivery does not run
+* The same job can arrive twice while this worker still holds it (a duplicate publish, or an old
+  worker's shared unacked set restored during a rolling upgrade). The second delivery does not run
   the model again: its tag is settled together with the first one's outcome.
+* A worker owns only the messages in its own unacked hash (worker/broker.py). If it was presumed
+  dead (paused, or cut off from Redis, past the heartbeat timeout), they were restored to other
+  workers: its late ack or hand-back is refused by Redis, counted here, and changes nothing.
 * A settle that cannot reach Redis is kept and retried on the next tick, instead of leaving the
-  message to come back after the visibility timeout (and the job to run again).
+  message to come back after the heartbeat timeout (and the job to run again).
 
 Only the consumer thread uses a ledger.
 """
@@ -22,13 +25,11 @@ log = logging.getLogger(__name__)
 
 Action = Literal["ack", "requeue"]
 
-_WARN_EVERY_S = 60.0
-
 
 class SettlesByTag(Protocol):
     """What a ledger settles on: worker.broker.RedisQueue."""
 
-    def ack(self, tag: str) -> None: ...
+    def ack(self, tag: str) -> bool: ...
 
     def requeue(self, tag: str) -> bool: ...
 
@@ -41,22 +42,23 @@ class LedgerStats:
     requeued: int = 0
     duplicate_deliveries: int = 0  # deliveries of a job this worker already held
     settle_failures: int = 0
+    # Acks and hand-backs Redis refused: the delivery was no longer this worker's (restored to
+    # another after its heartbeat timed out).
+    refused_settles: int = 0
     max_hold_s: float = 0.0  # longest a settled message stayed unacknowledged
-    # Messages this worker's restore put back on the queue (a dead worker's, or past the
-    # visibility timeout); the broker's restore step feeds it (worker/consumer.py).
+    # Messages this worker's restore put back on the queue (a dead worker's, or an old worker's
+    # past the visibility timeout); the broker's restore step feeds it (worker/consumer.py).
     restored: int = 0
 
 
 class Ledger:
     """Delivery tags held per job id; settles them on ``queue``."""
 
-    def __init__(self, queue: SettlesByTag, *, visibility_timeout: float) -> None:
-        self.visibility_timeout = visibility_timeout
+    def __init__(self, queue: SettlesByTag) -> None:
         self.stats = LedgerStats()
         self._tags: dict[str, list[str]] = {}
         self._unsettled: list[tuple[str, Action]] = []
         self._queue = queue
-        self._warned_at = float("-inf")
 
     def __len__(self) -> int:
         return len(self._tags)
@@ -87,7 +89,7 @@ class Ledger:
         for tag in self._tags.pop(job_id, []):
             self._settle_tag(tag, action)
         if received_at is not None:
-            self._note_hold(job_id, time.monotonic() - received_at)
+            self._note_hold(time.monotonic() - received_at)
 
     def retry_unsettled(self) -> None:
         """Settle what could not be settled before, in order; stop at the first failure (Redis still away)."""
@@ -106,31 +108,22 @@ class Ledger:
 
     def _try(self, tag: str, action: Action, *, quiet: bool = False) -> bool:
         try:
-            if action == "ack":
-                self._queue.ack(tag)
-            else:
-                self._queue.requeue(tag)
+            owned = self._queue.ack(tag) if action == "ack" else self._queue.requeue(tag)
         except Exception as exc:  # noqa: BLE001 - any broker error: keep it and retry on the next tick
             self.stats.settle_failures += 1
             if not quiet:
                 log.warning("could not %s message %s (%s: %s); retrying", action, tag, type(exc).__name__, exc)
             return False
+        if not owned:
+            self.stats.refused_settles += 1
+            log.warning("%s of message %s refused: it is no longer this worker's (restored to another after a missed heartbeat)", action, tag)
+            return True
         if action == "ack":
             self.stats.acked += 1
         else:
             self.stats.requeued += 1
         return True
 
-    def _note_hold(self, job_id: str, held_s: float) -> None:
+    def _note_hold(self, held_s: float) -> None:
+        # No warning however long: a live worker keeps its messages (its heartbeat says it is alive).
         self.stats.max_hold_s = max(self.stats.max_hold_s, held_s)
-        now = time.monotonic()
-        if held_s > self.visibility_timeout / 2 and now - self._warned_at > _WARN_EVERY_S:
-            self._warned_at = now
-            log.warning(
-                "job %s stayed unacknowledged %.1f s, over half the visibility timeout (%d s): past it, Redis hands "
-                "the message to another worker and the job may run twice. Raise VQA_VISIBILITY_TIMEOUT "
-                "(see docs/reliability.md)",
-                job_id,
-                held_s,
-                self.visibility_timeout,
-            )

@@ -95,7 +95,9 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, s3_client: A
     runner = BatchRunner(
         settings=settings, engine=engine, store=store, counters=counters, worker_name=worker_name, stopping=stopping, hooks=hooks
     )
-    consumer = BatchingConsumer(settings=settings, runner=runner, prepare=preparer, stopping=stopping, hooks=hooks, cancels=cancels)
+    consumer = BatchingConsumer(
+        settings=settings, runner=runner, prepare=preparer, stopping=stopping, hooks=hooks, cancels=cancels, worker_name=worker_name
+    )
     readiness.watch(consumer.progress)
     if registry is not None:
         from worker.metrics import WorkerMetrics, cuda_memory_reader

@@ -173,6 +173,7 @@ class LedgerCollector(Collector):
         yield self._counter("vqa_messages_acked", "Messages acknowledged after their record was stored.", led.acked)
         yield self._counter("vqa_messages_requeued", "Messages handed back to the queue.", led.requeued)
         yield self._counter("vqa_duplicate_deliveries", "Deliveries of a job this worker already held.", led.duplicate_deliveries)
+        yield self._counter("vqa_settles_refused", "Acks and hand-backs refused: the delivery had been restored to another worker.", led.refused_settles)
         yield self._counter("vqa_messages_restored", "Messages this worker's restore step put back on the queue.", led.restored)
         hold = GaugeMetricFamily("vqa_max_hold_seconds", "Longest a message stayed unacknowledged here.", labels=["worker"])
         hold.add_metric([self.worker], led.max_hold_s)

@@ -18,6 +18,7 @@ from typing import Any
 import redis
 
 from producer import keys
+from worker.broker import held_messages
 
 _FINAL = {"SUCCESS", "FAILURE"}
 
@@ -96,7 +97,7 @@ class History:
     def trace(self, job_id: str, *, queue: str = "vqa") -> dict[str, Any]:
         """Where a job is: its submission claim, counters, message (queued or unacked) and backend state."""
         queued = sum(1 for raw in self.broker.lrange(queue, 0, -1) if json.loads(raw)["headers"]["id"] == job_id)
-        unacked = sum(1 for raw in self.broker.hvals(keys.unacked_key(queue)) if json.loads(raw)["headers"]["id"] == job_id)
+        unacked = sum(1 for raw in held_messages(self.broker, queue) if json.loads(raw)["headers"]["id"] == job_id)
         return {
             "job_id": job_id,
             "claim": self.broker.get(keys.submitted_key(job_id)),

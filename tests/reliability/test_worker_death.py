@@ -14,8 +14,9 @@ import redis
 
 from producer import keys
 from producer.client import VQAClient
-from tests.reliability.helpers import SLOW_GENERATION, VISIBILITY_TIMEOUT_S, submit, wait_until
+from tests.reliability.helpers import SLOW_GENERATION, submit, wait_until
 from tests.reliability.history import History
+from worker.broker import held_messages
 from worker.dev.services import WorkerProcess
 
 pytestmark = pytest.mark.slow
@@ -23,11 +24,13 @@ pytestmark = pytest.mark.slow
 # When the victim is killed, counted from the moment its first batch of the round started.
 KILL_AFTER_S = (0.1, 0.8, 1.6)
 JOBS_PER_ROUND = 40
+# What the issue asks of the default settings: a dead worker's jobs done again within 30 s.
+RECOVERY_BOUND_S = 30
 
 
 def held_job_ids(broker: redis.Redis, queue: str = "vqa") -> set[str]:
-    """Jobs whose message is recorded as taken and not acked (worker/broker.py)."""
-    return {json.loads(raw)["headers"]["id"] for raw in broker.hvals(keys.unacked_key(queue))}
+    """Jobs whose message is recorded as taken and not acked, by any worker (worker/broker.py)."""
+    return {json.loads(raw)["headers"]["id"] for raw in held_messages(broker, queue)}
 
 
 def batch_started(history: History, job_ids: list[str]) -> bool:
@@ -89,9 +92,9 @@ def test_sigkill_mid_batch_second_worker_finishes(
     # Only jobs the victim held can run twice, and only those already in its model.
     assert audit.duplicate_executions <= sum(r["held"] for r in rounds)
     for r in rounds:
-        # Redelivery waits for the visibility timeout (counted from receipt, so at most that long
-        # after the kill) plus a restore cycle and the survivor's start-up.
-        assert r["recovery_s"] < VISIBILITY_TIMEOUT_S + 20, r
+        # With the default heartbeat settings (rel_env leaves them alone): the survivor restores
+        # the victim's messages once its heartbeat is VQA_HEARTBEAT_TIMEOUT_S old, then runs them.
+        assert r["recovery_s"] <= RECOVERY_BOUND_S, r
 
 
 def test_sigterm_mid_batch_finishes_it_and_hands_back_the_rest(
@@ -116,7 +119,7 @@ def test_sigterm_mid_batch_finishes_it_and_hands_back_the_rest(
     worker.signal(signal.SIGTERM)
     assert worker.wait(timeout=grace_s + 20) == 0
     exit_s = time.monotonic() - asked
-    assert broker.hlen(keys.unacked_key("vqa")) == 0, "every message is acked or handed back on a warm shutdown"
+    assert not held_messages(broker, "vqa"), "every message is acked or handed back on a warm shutdown"
     handed_back = int(re.search(r"handed back (\d+) queued jobs", worker.log).group(1))
     done_before = len(history.finished(ids))
 

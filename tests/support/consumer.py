@@ -25,6 +25,7 @@ class FakeChannel:
         self.acked: set[str] = set()
         self.requeued: set[str] = set()
         self.dead: list[tuple[str, str]] = []
+        self.consumer_id = "fake"
 
     def pop(self, limit: int) -> list[Delivery]:
         taken, self.waiting = self.waiting[:limit], self.waiting[limit:]
@@ -33,8 +34,15 @@ class FakeChannel:
     def restore_expired(self, visibility_timeout: float) -> int:
         return 0
 
-    def ack(self, tag: str) -> None:
+    def ack(self, tag: str) -> bool:
         self.acked.add(tag)
+        return True
+
+    def heartbeat(self) -> bool:
+        return False
+
+    def retire(self) -> int:
+        return 0
 
     def requeue(self, tag: str) -> bool:
         self.requeued.add(tag)

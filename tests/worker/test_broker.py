@@ -1,4 +1,4 @@
-"""The reliable queue on a real redis-server: a taken message is always queued or unacked, never neither."""
+"""The reliable queue on a real redis-server: a taken message is always queued or owned by one worker, never neither."""
 
 from __future__ import annotations
 
@@ -12,18 +12,29 @@ import pytest
 from producer import keys
 from producer.messages import TaskMessages
 from producer.schema import GenerationSettings, Job, utcnow
-from worker.broker import RedisQueue
+from worker.broker import RedisQueue, held_messages
+
+
+HEARTBEAT_TIMEOUT_S = 1.0
 
 
 @pytest.fixture()
 def queue(redis_url: str) -> RedisQueue:
-    q = RedisQueue.from_url(redis_url, queue="vqa")
+    q = RedisQueue.from_url(redis_url, queue="vqa", consumer_id="w-a", heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
+    yield q
+    q.client.close()
+
+
+@pytest.fixture()
+def other(redis_url: str) -> RedisQueue:
+    """A second worker on the same queue: it restores what a silent worker held."""
+    q = RedisQueue.from_url(redis_url, queue="vqa", consumer_id="w-b", heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
     yield q
     q.client.close()
 
 
 def _unacked(queue: RedisQueue) -> int:
-    return int(queue.client.hlen(keys.unacked_key("vqa")))
+    return int(queue.client.hlen(keys.worker_unacked_key("vqa", queue.consumer_id)))
 
 
 def _raw(i: int) -> str:
@@ -39,44 +50,96 @@ def _raw(i: int) -> str:
     return TaskMessages(queue="vqa", reply_to=str(uuid.uuid4())).encode(job, priority=0)
 
 
-def test_pop_takes_oldest_first_and_records_each_as_unacked(queue: RedisQueue) -> None:
+def test_pop_takes_oldest_first_and_records_each_as_this_workers(queue: RedisQueue) -> None:
     client = queue.client
     client.lpush("vqa", *(_raw(i) for i in range(5)))  # as producers push
     taken = queue.pop(3)
     assert [json.loads(d.raw)["headers"]["id"] for d in taken] == ["job-0", "job-1", "job-2"]
     assert client.llen("vqa") == 2 and _unacked(queue) == 3
-    assert set(client.hkeys(keys.unacked_key("vqa"))) == {d.tag.encode() for d in taken}
-    assert client.zcard(keys.unacked_index_key("vqa")) == 3
+    assert set(client.hkeys(keys.worker_unacked_key("vqa", "w-a"))) == {d.tag.encode() for d in taken}
+    assert client.zscore(keys.heartbeats_key("vqa"), "w-a") is not None  # taking is a heartbeat
+    assert client.hlen(keys.unacked_key("vqa")) == 0  # nothing goes to the old shared set
     assert queue.pop(10)[-1] and queue.pop(10) == []
+
+
+def test_the_same_message_delivered_twice_gets_two_delivery_ids(queue: RedisQueue) -> None:
+    raw = _raw(1)
+    queue.client.lpush("vqa", raw, raw)  # a duplicate publish
+    first, second = queue.pop(2)
+    assert first.raw == second.raw and first.tag != second.tag and _unacked(queue) == 2
 
 
 def test_ack_forgets_and_requeue_puts_back_at_the_head(queue: RedisQueue) -> None:
     queue.client.lpush("vqa", *(_raw(i) for i in range(3)))
     first, second = queue.pop(2)
-    queue.ack(first.tag)
+    assert queue.ack(first.tag) and not queue.ack(first.tag)
     assert queue.requeue(second.tag) and not queue.requeue(second.tag)
     assert _unacked(queue) == 0
     [again] = queue.pop(1)
-    assert again == second  # handed back to the head, same raw message, same tag
+    assert again.raw == second.raw and again.tag != second.tag  # back at the head; a new delivery
 
 
-def test_messages_past_the_visibility_timeout_come_back(queue: RedisQueue) -> None:
+def test_a_silent_workers_messages_come_back_and_its_late_settles_are_refused(queue: RedisQueue, other: RedisQueue) -> None:
+    queue.client.lpush("vqa", *(_raw(i) for i in range(3)))
+    held = queue.pop(3)
+    assert other.restore_expired(1800) == 0  # its heartbeat is fresh
+    time.sleep(HEARTBEAT_TIMEOUT_S + 0.2)
+    assert other.restore_expired(1800) == 3
+    assert _unacked(queue) == 0 and queue.client.zscore(keys.heartbeats_key("vqa"), "w-a") is None
+    assert not queue.ack(held[0].tag) and not queue.requeue(held[1].tag)  # no longer its own: refused
+    assert queue.client.llen("vqa") == 3  # and the refusals changed nothing
+    assert {d.raw for d in other.pop(3)} == {d.raw for d in held}
+    assert queue.heartbeat()  # its next beat learns it had been presumed dead
+
+
+def test_a_live_worker_keeps_its_messages_however_long_it_holds_them(queue: RedisQueue, other: RedisQueue) -> None:
     queue.client.lpush("vqa", _raw(1))
-    [taken] = queue.pop(1)
+    queue.pop(1)
+    for _ in range(3):
+        time.sleep(HEARTBEAT_TIMEOUT_S / 2)
+        assert not queue.heartbeat()
+        assert other.restore_expired(5) == 0 and queue.restore_expired(5) == 0
+    assert _unacked(queue) == 1
+
+
+def test_a_worker_never_restores_its_own_messages(queue: RedisQueue) -> None:
+    queue.client.lpush("vqa", _raw(1))
+    queue.pop(1)
+    time.sleep(HEARTBEAT_TIMEOUT_S + 0.2)
+    assert queue.restore_expired(5) == 0 and _unacked(queue) == 1  # it is running: it is alive
+
+
+def test_messages_in_the_old_shared_set_come_back_after_the_visibility_timeout(queue: RedisQueue) -> None:
+    """Migration: a worker of before recorded its messages in one shared hash + index; new workers restore them as old ones did."""
+    raw = _raw(1)
+    client = queue.client
+    now = client.time()
+    client.hset(keys.unacked_key("vqa"), "oldtag", raw)
+    client.zadd(keys.unacked_index_key("vqa"), {"oldtag": now[0] + now[1] / 1e6})
     assert queue.restore_expired(60) == 0
     time.sleep(1.1)
     assert queue.restore_expired(1) == 1
-    assert _unacked(queue) == 0 and queue.pop(1) == [taken]
+    assert client.hlen(keys.unacked_key("vqa")) == 0 and client.zcard(keys.unacked_index_key("vqa")) == 0
+    assert queue.pop(1)[0].raw == raw.encode()
 
 
-def test_a_dead_letter_leaves_unacked_with_its_reason(queue: RedisQueue) -> None:
+def test_retiring_hands_back_what_is_held_and_drops_the_heartbeat(queue: RedisQueue) -> None:
+    queue.client.lpush("vqa", *(_raw(i) for i in range(2)))
+    queue.pop(2)
+    assert queue.retire() == 2
+    assert _unacked(queue) == 0 and queue.client.llen("vqa") == 2
+    assert queue.client.zcard(keys.heartbeats_key("vqa")) == 0
+
+
+def test_a_dead_letter_leaves_unacked_with_its_reason(queue: RedisQueue, other: RedisQueue) -> None:
     queue.client.lpush("vqa", b"not a message")
     [taken] = queue.pop(1)
     queue.dead_letter(taken.tag, taken.raw, reason="queue entry is not JSON")
-    assert _unacked(queue) == 0 and queue.client.zcard(keys.unacked_index_key("vqa")) == 0
+    assert _unacked(queue) == 0
     [letter] = queue.dead_letters()
     assert letter["reason"] == "queue entry is not JSON" and letter["raw"] == "not a message" and letter["tag"] == taken.tag
-    assert queue.restore_expired(0) == 0 and queue.pop(1) == []  # gone from the queue for good
+    time.sleep(HEARTBEAT_TIMEOUT_S + 0.2)
+    assert other.restore_expired(0) == 0 and other.pop(1) == []  # gone from the queue for good
 
 
 def test_the_unacked_set_survives_a_redis_restart(redis_server: object, queue: RedisQueue) -> None:
@@ -85,9 +148,10 @@ def test_the_unacked_set_survives_a_redis_restart(redis_server: object, queue: R
     taken = queue.pop(2)
     redis_server.restart(kill=True)  # type: ignore[attr-defined]
     assert _unacked(queue) == 2 and queue.client.llen("vqa") == 2
+    assert len(held_messages(queue.client, "vqa")) == 2
     taken += queue.pop(1)
     for delivery in taken:
-        queue.ack(delivery.tag)  # acked after the restart, by tag
+        assert queue.ack(delivery.tag)  # acked after the restart, by tag
     assert _unacked(queue) == 0 and queue.client.llen("vqa") == 1
 
 
@@ -120,17 +184,17 @@ def test_messages_sent_with_a_celery_priority_are_consumed_in_kombus_order(redis
     assert _unacked(queue) == 6 and queue.pop(10) == []
 
 
-def test_a_prioritised_message_goes_back_to_its_own_list(redis_url: str, queue: RedisQueue) -> None:
+def test_a_prioritised_message_goes_back_to_its_own_list(redis_url: str, queue: RedisQueue, other: RedisQueue) -> None:
     _send_with_priority(redis_url, [7, 7])
     handed_back, expired = queue.pop(2)
     step6 = keys.priority_queue_keys("vqa")[2]
     assert queue.requeue(handed_back.tag)
     assert queue.client.llen(step6) == 1 and queue.client.llen("vqa") == 0
-    time.sleep(1.1)
-    assert queue.restore_expired(1) == 1
+    time.sleep(HEARTBEAT_TIMEOUT_S + 0.2)
+    assert other.restore_expired(1800) == 1  # the silent worker's
     assert queue.client.llen(step6) == 2 and queue.client.llen("vqa") == 0
     # Each went back to the head of the list: the last one put back is served first.
-    assert [d.tag for d in queue.pop(2)] == [expired.tag, handed_back.tag]
+    assert [d.raw for d in other.pop(2)] == [expired.raw, handed_back.raw]
 
 
 def test_no_lane_starves_under_a_flood_of_high_priority_jobs(queue: RedisQueue) -> None:
