@@ -48,12 +48,16 @@ def markdown(result: dict[str, Any]) -> str:
         f"Model: `{meta['model']['size']}` random-weight LLaVA-NeXT ({meta['model']['parameters_m']} M parameters, "
         f"{meta['model']['prompt_tokens']} prompt tokens per uniform job), quantization {meta['model']['quantization']}, "
         f"{meta['generation']['max_new_tokens']} new tokens per answer (forced).",
-        "",
-        "## Throughput (images/s)",
-        "",
-        "| batch | direct | end-to-end | e2e / direct | e2e, 100 ms images | 100 ms / e2e | mean batch (e2e) | model busy (e2e) | model busy (100 ms) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    if result.get("throughput"):
+        lines += [
+            "",
+            "## Throughput (images/s)",
+            "",
+            "| batch | direct | end-to-end | e2e / direct | e2e, 100 ms images | 100 ms / e2e | mean batch (e2e) | model busy (e2e) "
+            "| model busy (100 ms) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
     for p in result.get("throughput", []):
         lines.append(
             f"| {p['batch_size']} | {p['direct_ips']} | {p['e2e_ips']} | {p['e2e_ratio']} | {p['delay_ips']} | {p['delay_ratio']} "
