@@ -26,6 +26,7 @@ from typing import Any
 
 from bench.e2e import burst, enqueue_rates, memory_run, open_loop
 from bench.model import QUESTION, direct_throughput, load_images, padding_run, write_workloads
+from bench.prefix import prefix_sharing
 from bench.report import markdown, plot, targets
 from bench.stack import stack
 
@@ -49,6 +50,7 @@ class Profile:
     memory_jobs: int
     memory_batch: int
     memory_new_tokens: int
+    prefix_images: int = 4  # images for the shared-prefix section, each asked 1, 2, 3 and 5 questions
     target_rounds: int = 1  # rounds of direct / end-to-end / 100 ms at the targets' batch size; the median is reported
     quantization: str = "none"
 
@@ -56,13 +58,15 @@ class Profile:
 PROFILES = {
     "full": Profile(model_size="bench", batch_sizes=(1, 2, 4, 8, 16), jobs_min=48, jobs_per_batch=8, new_tokens=16,
                     latency_batch=8, latency_s=40, padding_jobs=64, padding_batch=8, padding_e2e=True,
-                    enqueue_jobs=5000, memory_jobs=10_000, memory_batch=16, memory_new_tokens=4, target_rounds=3),
+                    enqueue_jobs=5000, memory_jobs=10_000, memory_batch=16, memory_new_tokens=4, target_rounds=3,
+                    prefix_images=8),
     # Seconds, not minutes: the harness's own test. Figures from it mean nothing.
     "tiny": Profile(model_size="tiny", batch_sizes=(4,), jobs_min=12, jobs_per_batch=3, new_tokens=4,
                     latency_batch=4, latency_s=2, padding_jobs=8, padding_batch=4, padding_e2e=False,
-                    enqueue_jobs=200, memory_jobs=40, memory_batch=4, memory_new_tokens=4),
+                    enqueue_jobs=200, memory_jobs=40, memory_batch=4, memory_new_tokens=4, prefix_images=2),
 }
-SECTIONS = ("enqueue", "throughput", "latency", "padding", "memory")
+SECTIONS = ("enqueue", "throughput", "latency", "padding", "prefix", "memory")
+PREFIX_QUESTIONS_PER_IMAGE = (1, 2, 3, 5)
 _PADDING_LINE = re.compile(r"padding: (\d+) real / (\d+) padded prompt tokens")
 
 
@@ -183,6 +187,10 @@ def run(profile: Profile, *, name: str, command: str, sections: set[str]) -> dic
                 result["latency"] = _latency(st, profile, model_dir, points, loads["uniform"].files, gen, tag)
             if "padding" in sections:
                 result["padding"] = _padding(st, profile, model, model_dir, work, loads["mixed"].files, gen, tag)
+            if "prefix" in sections:
+                say(f"shared image prefixes: {profile.prefix_images} images x {PREFIX_QUESTIONS_PER_IMAGE} questions")
+                result["prefix"] = prefix_sharing(model, uniform_images[: profile.prefix_images],
+                                                  per_image=PREFIX_QUESTIONS_PER_IMAGE, generation=gen)
             if "memory" not in sections:
                 return _finish(result, profile, started, load, torch, transformers)
             say(f"memory: {profile.memory_jobs} jobs on the tiny model")

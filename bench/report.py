@@ -17,6 +17,10 @@ def targets(result: dict[str, Any], *, at_batch: int) -> list[dict[str, Any]]:
     enqueue = result.get("enqueue")
     if enqueue:
         rows.append(_target("bulk enqueue / send_task loop", ">= 3x", enqueue["bulk_vs_send_task_loop"], enqueue["bulk_vs_send_task_loop"] >= 3))
+    three = next((row for row in result.get("prefix", []) if row["questions_per_image"] == 3), None)
+    if three is not None:
+        rows.append(_target("shared image prefix: questions/s with / without at 3 questions per image", ">= 2x", three["speedup"],
+                            three["speedup"] >= 2))
     memory = result.get("memory")
     if memory:
         growth = memory["rss_growth_second_half_mib"]
@@ -44,12 +48,16 @@ def markdown(result: dict[str, Any]) -> str:
         f"Model: `{meta['model']['size']}` random-weight LLaVA-NeXT ({meta['model']['parameters_m']} M parameters, "
         f"{meta['model']['prompt_tokens']} prompt tokens per uniform job), quantization {meta['model']['quantization']}, "
         f"{meta['generation']['max_new_tokens']} new tokens per answer (forced).",
-        "",
-        "## Throughput (images/s)",
-        "",
-        "| batch | direct | end-to-end | e2e / direct | e2e, 100 ms images | 100 ms / e2e | mean batch (e2e) | model busy (e2e) | model busy (100 ms) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    if result.get("throughput"):
+        lines += [
+            "",
+            "## Throughput (images/s)",
+            "",
+            "| batch | direct | end-to-end | e2e / direct | e2e, 100 ms images | 100 ms / e2e | mean batch (e2e) | model busy (e2e) "
+            "| model busy (100 ms) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
     for p in result.get("throughput", []):
         lines.append(
             f"| {p['batch_size']} | {p['direct_ips']} | {p['e2e_ips']} | {p['e2e_ratio']} | {p['delay_ips']} | {p['delay_ratio']} "
@@ -79,6 +87,16 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| model alone | {label} | {d[label]['padding_efficiency']} | {d[label]['images_per_s']} | {d[label]['mean_batch_size']} |")
         for label, run in padding.get("end_to_end", {}).items():
             lines.append(f"| end-to-end | {label} | {run.get('padding_efficiency')} | {run['images_per_s']} | {run['mean_batch_size']} |")
+    prefix = result.get("prefix")
+    if prefix:
+        lines += ["", "## Shared image prefixes (several questions per image)", "",
+                  "Each image's questions are one batch; the same prepared jobs with `VQA_SHARE_IMAGE_PREFIX` off and on.", "",
+                  "| questions/image | questions | q/s without | q/s with | speedup | prompt tokens computed/question without | with "
+                  "| greedy answers agreeing |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in prefix:
+            lines.append(f"| {row['questions_per_image']} | {row['questions']} | {row['qps_without']} | {row['qps_with']} | {row['speedup']}x "
+                         f"| {row['prompt_tokens_per_question_without']} | {row['prompt_tokens_per_question_with']} "
+                         f"| {row['answers_agreeing']}/{row['questions']} |")
     enqueue = result.get("enqueue")
     if enqueue:
         lines += ["", f"## Enqueue rate ({enqueue['jobs']} jobs)", "", "| path | jobs/s |", "|---|---:|"]

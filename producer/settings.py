@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     # (batch size x longest prompt); jobs of similar image-token counts are batched together.
     # 0 = off (first come, first served). See worker/batching.py.
     max_batch_tokens: int = Field(default=0, ge=0)
+    # Jobs of one batch about the same image prefill that image once and continue each question
+    # from a copy of its KV cache (worker/prefix.py). Greedy answers equal the solo ones on the
+    # tests (tests/worker/test_prefix_sharing.py); docs/benchmarks/README.md has the measured rate
+    # on a larger set (nf4 there: 1 answer in 88 differed, a bf16 near-tie).
+    share_image_prefix: bool = True
     # The default answer-length cap for jobs; a job may not ask for more than the schema allows.
     max_new_tokens: int = Field(default=100, ge=1, le=MAX_NEW_TOKENS_LIMIT)
 

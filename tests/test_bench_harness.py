@@ -51,6 +51,13 @@ def test_bench_tiny_profile_measures_every_section(tmp_path: Path) -> None:
     assert padding["prompt_tokens"]["distinct"] > 1  # mixed shapes really differ in image tokens
     assert padding["padding_aware"]["padding_efficiency"] >= padding["fifo"]["padding_efficiency"] - 1e-9
 
+    prefix = {row["questions_per_image"]: row for row in result["prefix"]}
+    assert sorted(prefix) == [1, 2, 3, 5]
+    # One question per image has nothing to share; more share the image's prefill.
+    assert prefix[1]["prompt_tokens_per_question_with"] == prefix[1]["prompt_tokens_per_question_without"]
+    assert prefix[3]["prompt_tokens_per_question_with"] < prefix[3]["prompt_tokens_per_question_without"] / 2
+    assert all(row["agreement_rate"] == 1.0 for row in prefix.values())
+
     enqueue = result["enqueue"]
     assert enqueue["submit_many"]["jobs_per_s"] > enqueue["send_task_loop"]["jobs_per_s"]
 
@@ -58,7 +65,7 @@ def test_bench_tiny_profile_measures_every_section(tmp_path: Path) -> None:
     assert memory["jobs"] == 40 and memory["failed"] == 0
     assert memory["samples"][-1]["jobs_done"] == 40 and memory["rss_mib_end"] > 0
 
-    assert {row["target"].split(" ")[0] for row in result["targets"]} >= {"end-to-end", "100", "bulk", "worker"}
+    assert {row["target"].split(" ")[0] for row in result["targets"]} >= {"end-to-end", "100", "bulk", "worker", "shared"}
     meta = result["meta"]
     assert meta["load"]["samples"] >= 1 and meta["versions"]["torch"] and "--profile tiny" in meta["command"]
     if (tmp_path / "results.png").exists():  # matplotlib is optional

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from transformers import (
     BitsAndBytesConfig,
+    DynamicCache,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
 )
@@ -27,6 +28,7 @@ from producer.errors import ModelLoadError, OutOfMemory
 from producer.schema import GenerationSettings
 from producer.settings import Settings
 from worker.engine import Answer
+from worker.prefix import group_by_prefix, image_key, prefix_length, suffix_rows
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ class ModelInputs:
     input_ids: torch.Tensor  # (num_tokens,)
     pixel_values: torch.Tensor  # (tiles, 3, side, side)
     image_size: torch.Tensor  # (2,): original height, width
+    # Content hash of the pixels when prefix sharing is on (worker/prefix.py), else None.
+    image_key: str | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -82,6 +86,7 @@ class VQAModel:
         quantization: str,
         device: str,
         dtype: torch.dtype,
+        share_image_prefix: bool = False,
     ) -> None:
         self.name = name
         self.processor = processor
@@ -89,11 +94,14 @@ class VQAModel:
         self.quantization = quantization
         self.device = device
         self.dtype = dtype
+        self.share_image_prefix = share_image_prefix
         # Fast tokenizers must not be used from two threads at once: each thread gets a copy.
         self._local = threading.local()
         # Prompt tokens the model was given vs. what padding made it compute (model thread only).
         self.real_tokens = 0
         self.padded_tokens = 0
+        # Prompt tokens the language model actually ran over: a shared image prefix counts once.
+        self.computed_prompt_tokens = 0
 
     @classmethod
     def load(cls, settings: Settings) -> VQAModel:
@@ -123,6 +131,7 @@ class VQAModel:
             quantization=settings.quantization,
             device=device,
             dtype=dtype,
+            share_image_prefix=settings.share_image_prefix,
         )
 
     def build_prompt(self, question: str) -> str:
@@ -157,8 +166,12 @@ class VQAModel:
             processor = self._local.processor = copy.deepcopy(self.processor)
         # The processor expands <image> to this image's anyres token count.
         encoded = processor(images=[image], text=[self.build_prompt(question)], return_tensors="pt")
+        pixel_values, image_size = encoded["pixel_values"][0], encoded["image_sizes"][0]
         return ModelInputs(
-            input_ids=encoded["input_ids"][0], pixel_values=encoded["pixel_values"][0], image_size=encoded["image_sizes"][0]
+            input_ids=encoded["input_ids"][0],
+            pixel_values=pixel_values,
+            image_size=image_size,
+            image_key=image_key(pixel_values, image_size) if self.share_image_prefix else None,
         )
 
     def cost(self, inputs: ModelInputs) -> int:
@@ -170,23 +183,31 @@ class VQAModel:
         return [answer.text for answer in self.generate_batch(items, generation)]
 
     def generate_batch(self, items: Sequence[ModelInputs], generation: GenerationSettings) -> list[Answer]:
-        """The engine's batched call (worker/engine.py): one Answer per prepared job, in input order."""
+        """The engine's batched call (worker/engine.py): one Answer per prepared job, in input order.
+
+        With prefix sharing on, jobs of the batch about one image continue from one prefill of
+        that image (worker/prefix.py); the others run as one padded batch.
+        """
         if not items:
             return []
-        inputs = self._collate(items)
         kwargs = _generate_kwargs(generation, self.processor.tokenizer)
+        if self.share_image_prefix:
+            groups, alone = group_by_prefix([self._prefix_key(item) for item in items])
+        else:
+            groups, alone = [], list(range(len(items)))
+        rows: dict[int, torch.Tensor] = {}
         try:
-            inputs = {name: tensor.to(self.model.device) for name, tensor in inputs.items()}
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
             with torch.inference_mode():
-                output = self._generate(inputs, kwargs)
+                if alone:
+                    rows.update(zip(alone, self._generate_padded([items[i] for i in alone], kwargs), strict=True))
+                for group in groups:
+                    rows.update(zip(group.indices, self._generate_shared([items[i] for i in group.indices], group.prefix_len, kwargs), strict=True))
         except RuntimeError as exc:  # torch.OutOfMemoryError (= torch.cuda.OutOfMemoryError) included
             if not _is_out_of_memory(exc):
                 raise
             _release_cached_memory()
             raise OutOfMemory(f"out of memory generating a batch of {len(items)}: {exc}") from exc
-        # With left padding every row's prompt ends at the same column: the rest is the answer.
-        new_tokens = output[:, inputs["input_ids"].shape[1] :].cpu()
+        new_tokens = [rows[i] for i in range(len(items))]
         texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         image_token = self.model.config.image_token_id
         eos = self.processor.tokenizer.eos_token_id
@@ -199,6 +220,49 @@ class VQAModel:
             )
             for item, text, row in zip(items, texts, new_tokens, strict=True)
         ]
+
+    def _prefix_key(self, item: ModelInputs) -> tuple[str, tuple[int, ...]] | None:
+        if item.image_key is None:
+            return None
+        length = prefix_length(item.input_ids, self.model.config.image_token_id)
+        if not length or length >= item.num_tokens:
+            return None  # nothing to share, or no question after the image to continue with
+        return item.image_key, tuple(item.input_ids[:length].tolist())
+
+    def _generate_padded(self, items: Sequence[ModelInputs], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+        """One padded batch through generate; each row's new tokens."""
+        inputs = {name: tensor.to(self.model.device) for name, tensor in self._collate(items).items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        self.computed_prompt_tokens += int(inputs["input_ids"].numel())
+        output = self._generate(inputs, kwargs)
+        # With left padding every row's prompt ends at the same column: the rest is the answer.
+        return list(output[:, inputs["input_ids"].shape[1] :].cpu())
+
+    def _generate_shared(self, items: Sequence[ModelInputs], prefix_len: int, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+        """Prefill one image prefix once, then generate every item's question from a copy of its cache."""
+        first = items[0]
+        prefix = first.input_ids[:prefix_len]
+        cache = DynamicCache(config=self.model.config.get_text_config())
+        self.model(
+            input_ids=prefix[None].to(self.model.device),
+            attention_mask=torch.ones((1, prefix_len), dtype=torch.long, device=self.model.device),
+            pixel_values=first.pixel_values[None].to(self.model.device, self.dtype),
+            image_sizes=first.image_size[None].to(self.model.device),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,  # the prefix's logits are never read
+        )
+        cache.batch_repeat_interleave(len(items))
+        input_ids, attention_mask = suffix_rows(prefix, [item.input_ids[prefix_len:] for item in items], self.processor.tokenizer.pad_token_id)
+        self.computed_prompt_tokens += prefix_len + len(items) * (input_ids.shape[1] - prefix_len)
+        inputs = {
+            "input_ids": input_ids.to(self.model.device),
+            "attention_mask": attention_mask.to(self.model.device),
+            "cache": cache,
+        }
+        # generate feeds only the tokens past the cache; no image tokens are left there, so no pixels.
+        output = self._generate(inputs, kwargs)
+        return list(output[:, input_ids.shape[1] :].cpu())
 
     def _collate(self, items: Sequence[ModelInputs]) -> dict[str, torch.Tensor]:
         """What the processor gives for a batch: prompts left-padded to a multiple of 16, tiles zero-padded."""

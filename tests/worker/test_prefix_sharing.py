@@ -1,0 +1,101 @@
+"""Shared image prefixes (worker/prefix.py) on the real tiny LLaVA-NeXT, fp32 and nf4: greedy answers equal the solo ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from producer.schema import GenerationSettings
+from producer.settings import Settings
+from worker.model import VQAModel
+from worker.prefix import group_by_prefix, prefix_length, suffix_rows
+
+# Different sizes and aspect ratios: different tile grids, so different prefix lengths.
+IMAGE_SIZES = [(40, 30), (300, 120), (64, 256), (500, 500), (33, 77)]
+QUESTIONS = [
+    "What is shown in this image?",
+    "How many people are in the picture?",
+    "What color is the cat?",
+    "Describe the scene in detail, please.",
+    "Is it raining?",
+]
+GREEDY = GenerationSettings(max_new_tokens=12, min_new_tokens=4)
+
+
+def _image(width: int, height: int, seed: int) -> Image.Image:
+    noise = torch.rand(height, width, 3, generator=torch.Generator().manual_seed(seed))
+    return Image.fromarray((noise * 255).to(torch.uint8).numpy())
+
+
+@pytest.fixture(scope="module", params=["none", "nf4"])
+def vqa(request: pytest.FixtureRequest, tiny_model_dir: Path) -> VQAModel:
+    return VQAModel.load(Settings(model=str(tiny_model_dir), quantization=request.param, device="cpu", share_image_prefix=True))
+
+
+def _solo(vqa: VQAModel, items: list) -> list[str]:
+    vqa.share_image_prefix = False
+    try:
+        return [vqa.generate_batch([item], GREEDY)[0].text for item in items]
+    finally:
+        vqa.share_image_prefix = True
+
+
+@pytest.mark.parametrize("size", IMAGE_SIZES, ids=[f"{w}x{h}" for w, h in IMAGE_SIZES])
+def test_shared_prefix_answers_equal_solo_answers(vqa: VQAModel, size: tuple[int, int]) -> None:
+    image = _image(*size, seed=size[0])
+    items = [vqa.prepare(image, question) for question in QUESTIONS]
+    solo = _solo(vqa, items)
+    before = vqa.computed_prompt_tokens
+    shared = vqa.generate_batch(items, GREEDY)
+    assert [answer.text for answer in shared] == solo
+    # The prefix ran once: far fewer prompt tokens than five full prompts.
+    computed = vqa.computed_prompt_tokens - before
+    prefix = prefix_length(items[0].input_ids, vqa.model.config.image_token_id)
+    assert prefix > 0
+    assert computed < sum(item.num_tokens for item in items) - 3 * prefix
+    # Usage still reports each job's own prompt.
+    assert [answer.prompt_tokens for answer in shared] == [item.num_tokens for item in items]
+
+
+def test_mixed_batch_keeps_order_and_answers(vqa: VQAModel) -> None:
+    """Two images with two questions each, one image alone, interleaved: every answer in its place, equal to solo."""
+    first, second, third = _image(300, 120, 1), _image(64, 256, 2), _image(33, 77, 3)
+    items = [
+        vqa.prepare(first, QUESTIONS[0]),
+        vqa.prepare(second, QUESTIONS[1]),
+        vqa.prepare(third, QUESTIONS[2]),
+        vqa.prepare(first, QUESTIONS[3]),
+        vqa.prepare(second, QUESTIONS[4]),
+    ]
+    assert [answer.text for answer in vqa.generate_batch(items, GREEDY)] == _solo(vqa, items)
+
+
+def test_same_bytes_share_a_key_different_bytes_do_not(vqa: VQAModel) -> None:
+    a = vqa.prepare(_image(64, 64, 5), "What is it?")
+    b = vqa.prepare(_image(64, 64, 5), "Where is it?")  # another decode of the same pixels
+    c = vqa.prepare(_image(64, 64, 6), "What is it?")
+    assert a.image_key == b.image_key != c.image_key
+    groups, alone = group_by_prefix([vqa._prefix_key(item) for item in (a, b, c)])
+    assert [group.indices for group in groups] == [(0, 1)]
+    assert alone == [2]
+
+
+def test_sharing_off_computes_no_key(tiny_model_dir: Path) -> None:
+    vqa = VQAModel.load(Settings(model=str(tiny_model_dir), quantization="none", device="cpu", share_image_prefix=False))
+    assert vqa.prepare(_image(40, 30, 0), "What?").image_key is None
+
+
+def test_suffix_rows_pad_between_prefix_and_suffix() -> None:
+    ids, mask = suffix_rows(torch.tensor([7, 8, 9]), [torch.tensor([1]), torch.tensor([2, 3, 4])], pad_token_id=0)
+    assert ids.tolist() == [[7, 8, 9, 0, 0, 1], [7, 8, 9, 2, 3, 4]]
+    assert mask.tolist() == [[1, 1, 1, 0, 0, 1], [1, 1, 1, 1, 1, 1]]
+
+
+def test_group_by_prefix_needs_two_of_a_kind() -> None:
+    key = ("img", (1, 2))
+    groups, alone = group_by_prefix([key, None, ("other", (1, 2)), key])
+    assert [(group.indices, group.prefix_len) for group in groups] == [((0, 3), 2)]
+    assert alone == [1, 2]
