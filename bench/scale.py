@@ -174,6 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     admin = redis.Redis.from_url(server.url)
     env_base = _settings(server.url, VQA_IMAGE_S3_BUCKETS=IMAGE_BUCKET, VQA_MAX_BATCH_SIZE=str(args.batch),
                          VQA_MAX_BATCH_DELAY_MS=str(args.delay_ms), VQA_VISIBILITY_TIMEOUT=str(args.visibility_timeout),
+                         VQA_HEARTBEAT_TIMEOUT_S=str(args.heartbeat_timeout),
                          VQA_SHUTDOWN_GRACE_S="10", VQA_LOG_LEVEL="WARNING", VQA_FETCH_CONCURRENCY="4")
     producer = VQAClient(Settings(**{k.removeprefix("VQA_").lower(): v for k, v in env_base.items()}))
     result: dict[str, Any] = {
@@ -181,7 +182,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                  "redis": admin.info("server")["redis_version"]},
         "settings": {"batch": args.batch, "batch_ms": args.batch_ms, "delay_ms": args.delay_ms, "jobs_per_worker": args.jobs_per_worker,
-                     "idle_s": args.idle_s, "visibility_timeout_s": args.visibility_timeout, "appendfsync": "always"},
+                     "idle_s": args.idle_s, "visibility_timeout_s": args.visibility_timeout, "heartbeat_timeout_s": args.heartbeat_timeout, "appendfsync": "always"},
         "runs": [],
     }
     try:
@@ -273,7 +274,7 @@ def _kill_one(admin: redis.Redis, producer: VQAClient, listener: CompletionListe
     killed_at = time.monotonic()
     for proc in others:
         proc.send_signal(signal.SIGCONT)
-    done = listener.wait_for([job.job_id for job in jobs], timeout=args.visibility_timeout + 120)
+    done = listener.wait_for([job.job_id for job in jobs], timeout=args.heartbeat_timeout + 120)
     stats = window.close()
     _all_succeeded(done)
     return {
@@ -336,7 +337,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--jobs-per-worker", type=int, default=40)
     parser.add_argument("--enqueue-jobs", type=int, default=2000)
     parser.add_argument("--idle-s", type=float, default=10.0)
-    parser.add_argument("--visibility-timeout", type=int, default=10, help="VQA_VISIBILITY_TIMEOUT (the recovery bound of today's broker)")
+    parser.add_argument("--visibility-timeout", type=int, default=10, help="VQA_VISIBILITY_TIMEOUT (only for messages in the old shared unacked set)")
+    parser.add_argument("--heartbeat-timeout", type=int, default=15, help="VQA_HEARTBEAT_TIMEOUT_S: a dead worker's messages come back after this")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/scale/results.json"))
     args = parser.parse_args(argv)
     if args.child:
