@@ -11,6 +11,7 @@ from kombu.utils.url import maybe_sanitize_url
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from producer.image_grid import FULL, parse_grid
 from producer.schema import MAX_NEW_TOKENS_LIMIT
 
 DEFAULT_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
@@ -61,6 +62,10 @@ class Settings(BaseSettings):
     # tests (tests/worker/test_prefix_sharing.py); docs/benchmarks/README.md has the measured rate
     # on a larger set (nf4 there: 1 answer in 88 differed, a bf16 near-tie).
     share_image_prefix: bool = True
+    # Image detail (producer/image_grid.py): `full` = the checkpoint's anyres pinpoints, or RxC
+    # (e.g. 2x1, 1x1) = only grids of at most R tiles high and C wide, applied to the processor
+    # and the model config together. Fewer image tokens per image; OCR and fine detail suffer first.
+    image_grid: str = FULL
     # The default answer-length cap for jobs; a job may not ask for more than the schema allows.
     max_new_tokens: int = Field(default=100, ge=1, le=MAX_NEW_TOKENS_LIMIT)
 
@@ -203,6 +208,12 @@ class Settings(BaseSettings):
         if not _DEVICE.match(value):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return value
+
+    @field_validator("image_grid")
+    @classmethod
+    def _image_grid(cls, value: str) -> str:
+        parse_grid(value)  # raises the readable error
+        return value.strip().lower()
 
     @field_validator("allowed_hosts", "image_formats", "image_s3_buckets", "api_tokens", "webhook_secrets", "webhook_retry_schedule", mode="before")
     @classmethod

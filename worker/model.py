@@ -25,6 +25,7 @@ from transformers import (
 from transformers.utils import is_flash_attn_2_available
 
 from producer.errors import ModelLoadError, OutOfMemory
+from producer.image_grid import limit_pinpoints, parse_grid
 from producer.schema import GenerationSettings
 from producer.settings import Settings
 from worker.engine import Answer
@@ -124,6 +125,7 @@ class VQAModel:
             raise ModelLoadError(f"cannot load model {settings.model!r}: {exc}") from exc
         model.eval()
         _prepare_tokenizer(processor)
+        apply_image_grid(processor, model, settings.image_grid)
         return cls(
             name=settings.model,
             processor=processor,
@@ -293,6 +295,19 @@ class VQAModel:
         import bitsandbytes as bnb  # only needed here; a CPU/none deployment may lack its kernels
 
         return sum(isinstance(module, bnb.nn.Linear4bit) for module in self.model.modules())
+
+
+def apply_image_grid(processor: LlavaNextProcessor, model: LlavaNextForConditionalGeneration, image_grid: str) -> None:
+    """Limit the anyres grid (``VQA_IMAGE_GRID``) on the processor and the model config together.
+
+    The processor counts an image's tokens from its pinpoints and the model unpads the image
+    features from the config's: both must be the same list or the batch's tokens and features
+    no longer match.
+    """
+    side = model.config.vision_config.image_size
+    pinpoints = limit_pinpoints(model.config.image_grid_pinpoints, side, parse_grid(image_grid))
+    processor.image_processor.image_grid_pinpoints = pinpoints
+    model.config.image_grid_pinpoints = [list(point) for point in pinpoints]
 
 
 def resolve_device(device: str) -> str:
