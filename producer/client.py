@@ -49,7 +49,7 @@ class VQAClient:
     def __init__(self, settings: Settings | None = None, *, app: Celery | None = None) -> None:
         self.settings = settings or Settings()
         self.app = app or make_celery(self.settings)
-        self._redis = redis_client(self.settings.broker_url)
+        self._redis = redis_client(self.settings.broker_url, master_name=self.settings.sentinel_master_name)
         self._s3: Any = None
         self._messages: messages.TaskMessages | None = None
         # This client's "publishing" claims carry its own token: a retry after a failed publish
