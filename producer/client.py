@@ -19,6 +19,7 @@ from kombu.exceptions import OperationalError
 from producer import keys, messages
 from producer.celery_app import make_celery
 from producer.connections import redis_client
+from producer.replication import wait_for_replicas
 from producer.errors import BackendUnavailable, CorruptRecord, InvalidJob, JobFailed, StorageUnavailable
 from producer.revokes import write_revokes
 from producer.schema import GenerationSettings, Job, Record, derive_job_id, parse_duration, parse_record, parse_time, utcnow
@@ -192,6 +193,8 @@ class VQAClient:
             if mine:
                 self._forget_earlier_outcome(mine)
                 self._publish(mine, priority)
+                # Not "queued" until on enough replicas: a failed WAIT leaves the claims ours, so a retry republishes.
+                wait_for_replicas(self._redis, self.settings.accept_replicas, self.settings.accept_replicas_timeout_ms)
                 self._mark_queued(mine)
                 if log.isEnabledFor(logging.INFO):  # where a job's trail in the logs starts (producer/logs.py)
                     for job in mine:
