@@ -9,23 +9,27 @@ first time it is read, not at import (a module ``__getattr__``), and the same ob
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 from celery import Celery
 
 from producer.keys import DEFAULT_PRIORITY, TASK_NAME
+from producer.redis_urls import is_sentinel_url, parse_sentinel_url
 from producer.settings import Settings
 
 
 def make_celery(settings: Settings) -> Celery:
     """Build a Celery app for these settings. No connection is opened until first use."""
-    app = Celery("vqa", broker=settings.broker_url, backend=settings.result_backend, set_as_current=False)
-    transport = {
+    broker = _celery_url(settings.broker_url, settings)
+    backend = _celery_url(settings.result_backend, settings)
+    app = Celery("vqa", broker=broker.url, backend=backend.url, set_as_current=False)
+    transport: dict[str, Any] = {
         "visibility_timeout": settings.visibility_timeout,
         # Give up on a dead broker instead of hanging a producer forever.
         "socket_connect_timeout": 5,
         "socket_timeout": 30,
     }
+    transport.update(broker.transport_options)
     app.conf.update(
         # JSON everywhere: a pickled message is never accepted (it would run code on the worker).
         task_serializer="json",
@@ -39,7 +43,7 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
-        result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
+        result_backend_transport_options={"retry_policy": {"timeout": 5.0}, **backend.transport_options},
         redis_socket_connect_timeout=5,
         redis_socket_timeout=30,
         result_extended=True,
@@ -47,6 +51,20 @@ def make_celery(settings: Settings) -> Celery:
     if settings.signs_messages:
         _sign_messages(app, settings)
     return app
+
+
+class _CeleryURL(NamedTuple):
+    url: str
+    transport_options: dict[str, Any]
+
+
+def _celery_url(url: str, settings: Settings) -> _CeleryURL:
+    """A Sentinel URL as kombu's transport and Celery's ``sentinel://`` backend read it; other URLs as they are."""
+    if not is_sentinel_url(url):
+        return _CeleryURL(url, {})
+    target = parse_sentinel_url(url, master_name=settings.sentinel_master_name)
+    sentinel_timeouts = {"socket_connect_timeout": 5, "socket_timeout": 5}
+    return _CeleryURL(target.kombu_url(), {"master_name": target.master_name, "sentinel_kwargs": sentinel_timeouts})
 
 
 def _sign_messages(app: Celery, settings: Settings) -> None:

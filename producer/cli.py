@@ -198,7 +198,7 @@ def dead_letters(
     from worker.broker import RedisQueue
 
     settings = _settings()
-    queue = RedisQueue(redis_client(settings.broker_url), queue=settings.queue)
+    queue = RedisQueue(redis_client(settings.broker_url, master_name=settings.sentinel_master_name), queue=settings.queue)
     try:
         letters = queue.dead_letters(limit)
     except redis.RedisError as exc:

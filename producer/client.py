@@ -19,6 +19,7 @@ from kombu.exceptions import OperationalError
 from producer import keys, messages
 from producer.celery_app import make_celery
 from producer.connections import redis_client
+from producer.replication import wait_for_replicas
 from producer.errors import BackendUnavailable, CorruptRecord, InvalidJob, JobFailed, StorageUnavailable
 from producer.revokes import write_revokes
 from producer.schema import GenerationSettings, Job, Record, derive_job_id, parse_duration, parse_record, parse_time, utcnow
@@ -49,7 +50,7 @@ class VQAClient:
     def __init__(self, settings: Settings | None = None, *, app: Celery | None = None) -> None:
         self.settings = settings or Settings()
         self.app = app or make_celery(self.settings)
-        self._redis = redis_client(self.settings.broker_url)
+        self._redis = redis_client(self.settings.broker_url, master_name=self.settings.sentinel_master_name)
         self._s3: Any = None
         self._messages: messages.TaskMessages | None = None
         # This client's "publishing" claims carry its own token: a retry after a failed publish
@@ -192,6 +193,8 @@ class VQAClient:
             if mine:
                 self._forget_earlier_outcome(mine)
                 self._publish(mine, priority)
+                # Not "queued" until on enough replicas: a failed WAIT leaves the claims ours, so a retry republishes.
+                wait_for_replicas(self._redis, self.settings.accept_replicas, self.settings.accept_replicas_timeout_ms)
                 self._mark_queued(mine)
                 if log.isEnabledFor(logging.INFO):  # where a job's trail in the logs starts (producer/logs.py)
                     for job in mine:

@@ -26,7 +26,7 @@ def tail_command(
     from producer.events import as_json_line, tail
 
     settings = _settings()
-    client = redis_client(settings.broker_url)
+    client = redis_client(settings.broker_url, master_name=settings.sentinel_master_name)
     try:
         for event in tail(client, settings.events_stream, group=group, consumer=consumer, limit=count):
             typer.echo(as_json_line(event))

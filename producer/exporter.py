@@ -100,7 +100,7 @@ def submitted_at(raw: bytes) -> datetime | None:
 
 def run_exporter(settings: Settings, *, host: str, port: int) -> None:
     """Serve /metrics on host:port until SIGTERM or SIGINT. Blocks."""
-    client = redis_client(settings.broker_url)
+    client = redis_client(settings.broker_url, master_name=settings.sentinel_master_name)
     registry = CollectorRegistry()
     registry.register(QueueCollector(client, queue=settings.queue))
     stop = threading.Event()

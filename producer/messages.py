@@ -30,7 +30,7 @@ CHUNK = 500
 # Celery caps argsrepr/kwargsrepr (shown by monitoring tools only) at 1024 characters too.
 _REPR_MAX = 1024
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "sentinel://")
 
 
 class TaskMessages:

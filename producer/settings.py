@@ -28,6 +28,13 @@ class Settings(BaseSettings):
     broker_url: str = "redis://localhost:6379/0"
     result_backend: str = "redis://localhost:6379/0"
     queue: str = "vqa"
+    # The Sentinel master's name for kombu's ``sentinel://`` URL form (its ``master_name`` transport
+    # option); a ``redis+sentinel://hosts/MASTER`` URL names its master itself. See producer/redis_urls.py.
+    sentinel_master_name: str | None = Field(default=None, min_length=1)
+    # Redis replicates asynchronously: with N > 0 a submission returns only once N replicas have
+    # its messages (a WAIT after the publish, producer/replication.py), else it raises BackendUnavailable.
+    accept_replicas: int = Field(default=0, ge=0)
+    accept_replicas_timeout_ms: int = Field(default=1000, ge=1)
     # Seconds a delivered but unacknowledged message may stay out before Redis hands it to
     # another worker. Must exceed max_batch_delay + the longest batch + the prefetch backlog;
     # see docs/reliability.md.

@@ -209,10 +209,10 @@ class RedisQueue:
 
     @classmethod
     def from_url(cls, url: str, *, queue: str, consumer_id: str | None = None,
-                 heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S) -> RedisQueue:
+                 heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S, master_name: str | None = None) -> RedisQueue:
         # No automatic retries: a pop retried after a lost reply would take more messages, held
         # by nobody until this worker's heartbeat times out. The consumer retries, after a pause.
-        return cls(redis_client(url, retries=False), queue=queue, consumer_id=consumer_id, heartbeat_timeout_s=heartbeat_timeout_s)
+        return cls(redis_client(url, retries=False, master_name=master_name), queue=queue, consumer_id=consumer_id, heartbeat_timeout_s=heartbeat_timeout_s)
 
     def pop(self, limit: int) -> list[Delivery]:
         """Take up to ``limit`` messages, highest priority first and oldest first within it, each recorded as this worker's in the same step.

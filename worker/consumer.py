@@ -115,7 +115,7 @@ class BatchingConsumer:
         self._delayed: list[Pending] = []  # transient failures waiting for their retry time
         self.broker = broker or RedisQueue.from_url(
             settings.broker_url, queue=settings.queue, consumer_id=new_consumer_id(worker_name),
-            heartbeat_timeout_s=settings.heartbeat_timeout_s,
+            heartbeat_timeout_s=settings.heartbeat_timeout_s, master_name=settings.sentinel_master_name,
         )
         self.heartbeat = Heartbeat(self.broker, interval_s=settings.heartbeat_interval_s)
         self.cancels = cancels

@@ -78,7 +78,7 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, s3_client: A
 
     app = make_celery(settings)
     s3 = s3_client if s3_client is not None else make_s3_client(settings)
-    jobs_redis = redis_client(settings.broker_url)
+    jobs_redis = redis_client(settings.broker_url, master_name=settings.sentinel_master_name)
     store = RecordStore(settings, s3_client=s3, app=app, marks=jobs_redis)
     counters = JobCounters(jobs_redis)
     cancels = CancelCheck(jobs_redis, revoked=RevokedSet(ttl_s=settings.revoke_ttl_s))

@@ -41,7 +41,7 @@ class ApiState:
     def build(cls, settings: Settings) -> ApiState:
         rules = load_rules(settings)  # InvalidJob: the API does not start with broken rules
         client = VQAClient(settings)
-        idempotency = IdempotencyKeys(redis_client(settings.broker_url), ttl_s=settings.api_idempotency_ttl_s)
+        idempotency = IdempotencyKeys(redis_client(settings.broker_url, master_name=settings.sentinel_master_name), ttl_s=settings.api_idempotency_ttl_s)
         return cls(settings=settings, client=client, idempotency=idempotency, rules=rules)
 
     def keep_publishing(self, entry: Publishing) -> None:

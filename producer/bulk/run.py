@@ -43,7 +43,7 @@ class BulkRun:
         if submitter is not None:
             self.state, self.store = submitter.state, submitter.store
         else:
-            self.state = RunState(redis_client(settings.broker_url), bulk_id, settings=settings)
+            self.state = RunState(redis_client(settings.broker_url, master_name=settings.sentinel_master_name), bulk_id, settings=settings)
             self.store = BulkStore(client.s3_client(), bucket=settings.s3_bucket, prefix=settings.s3_prefix, bulk_id=bulk_id)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

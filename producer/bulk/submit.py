@@ -132,7 +132,7 @@ class Submitter:
             raise InvalidJob(f"priority must be one of {', '.join(keys.PRIORITIES)}, not {options.priority[:40]!r}")
         self.priority = keys.PRIORITIES[options.priority]
         queue_key = client.task_messages().key_for(self.priority)
-        self.state = RunState(redis_client(settings.broker_url), name, settings=settings, queue_key=queue_key)
+        self.state = RunState(redis_client(settings.broker_url, master_name=settings.sentinel_master_name), name, settings=settings, queue_key=queue_key)
         self.store = BulkStore(client.s3_client(), bucket=settings.s3_bucket, prefix=settings.s3_prefix, bulk_id=name)
         self.on_invalid = on_invalid or (lambda line, reason: None)
         self.progress = Progress()

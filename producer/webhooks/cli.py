@@ -22,7 +22,7 @@ def _deliveries() -> Any:
     from producer.webhooks.deliveries import Deliveries
 
     settings = _settings()
-    return Deliveries(redis_client(settings.broker_url), dead_stream=settings.webhook_dead_stream, done_ttl_s=settings.events_dedupe_ttl_s)
+    return Deliveries(redis_client(settings.broker_url, master_name=settings.sentinel_master_name), dead_stream=settings.webhook_dead_stream, done_ttl_s=settings.events_dedupe_ttl_s)
 
 
 @app.callback(invoke_without_command=True)
@@ -45,7 +45,7 @@ def webhooks(
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     try:
-        dispatcher = Dispatcher(redis_client(settings.broker_url), settings=settings, consumer=consumer, stopping=stopping)
+        dispatcher = Dispatcher(redis_client(settings.broker_url, master_name=settings.sentinel_master_name), settings=settings, consumer=consumer, stopping=stopping)
     except ValueError as exc:
         _fail(str(exc), code=2)
     typer.echo(f"vqa webhooks {dispatcher.consumer} ready", err=True)
