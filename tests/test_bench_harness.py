@@ -85,6 +85,15 @@ def test_bench_bulk_tiny_profile(tmp_path: Path) -> None:
     assert (tmp_path / "bulk.md").read_text().startswith("# Bulk-run benchmark (tiny profile)")
 
 
+def test_bench_webhooks_tiny_profile(tmp_path: Path) -> None:
+    _run(["-m", "bench.webhooks", "--profile", "tiny", "--out", str(tmp_path)], timeout=120)
+    result = json.loads((tmp_path / "webhooks.json").read_text())
+    assert result["burst"]["verified"] == result["burst"]["events"] == 20 and result["burst"]["deliveries_per_s"] > 0
+    assert result["paced"]["verified"] == result["paced"]["events"] == 10
+    assert 0 < result["paced"]["latency_p50_ms"] <= result["paced"]["latency_p95_ms"] <= result["paced"]["latency_max_ms"]
+    assert (tmp_path / "webhooks.md").read_text().startswith("# Webhooks: one dispatcher's delivery rate and latency")
+
+
 def test_gpu_bench_small_config_on_cpu(tmp_path: Path) -> None:
     _run([str(SCRIPTS / "gpu_bench.py"), "--config", "small", "--device", "cpu", "--out", str(tmp_path), "--batch-sizes", "1,2",
           "--max-new-tokens", "4", "--repeats", "1", "--baseline-images", "2"], timeout=180)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,13 +37,15 @@ def webhook_receiver(secret: str) -> Iterator[Receiver]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 - http.server's name
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            received = time.time(), time.monotonic()  # wall clock for finished_at, monotonic for in-process stamps
             headers = {name.lower(): value for name, value in self.headers.items()}
             payload = verifier.verify(body, headers)  # raises on a bad signature: the test sees a 500 and no record
             with receiver.lock:
                 queue = receiver.answers.get(self.path, [])
                 status = queue.pop(0) if queue else 200
                 receiver.calls.append({"path": self.path, "status": status, "webhook_id": headers["webhook-id"],
-                                       "signatures": headers["webhook-signature"].split(" "), "payload": payload})
+                                       "signatures": headers["webhook-signature"].split(" "), "payload": payload,
+                                       "at": received[0], "at_monotonic": received[1]})
             self.send_response(status)
             self.send_header("Content-Length", "2")
             self.end_headers()
