@@ -19,10 +19,14 @@ def test_wait_fails_without_replicas(redis_server: RedisServer) -> None:
         wait_for_replicas(client, 1, 100)
 
 
-def test_wait_succeeds_once_a_replica_follows(redis_server: RedisServer, tmp_path) -> None:
-    replica = RedisServer(data_dir=tmp_path, extra_args=("--replicaof", "127.0.0.1", str(redis_server.port))).start()
+def test_wait_succeeds_once_a_replica_follows(tmp_path) -> None:
+    # A master of its own: a replica of the session's server would stay attached to it (and make
+    # WAIT succeed for the other tests) if it outlived this test.
+    (tmp_path / "master").mkdir(); (tmp_path / "replica").mkdir()
+    master = RedisServer(data_dir=tmp_path / "master").start()
+    replica = RedisServer(data_dir=tmp_path / "replica", extra_args=("--replicaof", "127.0.0.1", str(master.port))).start()
     try:
-        client = redis_client(redis_server.url)
+        client = redis_client(master.url)
         deadline = time.monotonic() + 20
         while redis.Redis(port=replica.port).info("replication").get("master_link_status") != "up":
             assert time.monotonic() < deadline, "replica never synced"
@@ -31,7 +35,8 @@ def test_wait_succeeds_once_a_replica_follows(redis_server: RedisServer, tmp_pat
         assert wait_for_replicas(client, 1, 2000) == 1
         assert redis.Redis(port=replica.port).llen("vqa:test-accept") >= 1
     finally:
-        replica.stop()
+        replica.stop(kill=True)  # a replica's SIGTERM shutdown can outwait the 20 s stop timeout under load
+        master.stop(kill=True)
 
 
 def test_client_submission_is_not_accepted_without_its_replicas(redis_server: RedisServer) -> None:
