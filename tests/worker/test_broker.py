@@ -6,6 +6,7 @@ import base64
 import json
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,7 @@ from producer import keys
 from producer.messages import TaskMessages
 from producer.schema import GenerationSettings, Job, utcnow
 from worker.broker import RedisQueue, held_messages
+from worker.dev.services import RedisServer
 
 
 HEARTBEAT_TIMEOUT_S = 1.0
@@ -142,17 +144,25 @@ def test_a_dead_letter_leaves_unacked_with_its_reason(queue: RedisQueue, other: 
     assert other.restore_expired(0) == 0 and other.pop(1) == []  # gone from the queue for good
 
 
-def test_the_unacked_set_survives_a_redis_restart(redis_server: object, queue: RedisQueue) -> None:
+def test_the_unacked_set_survives_a_redis_restart(tmp_path: Path) -> None:
     """AOF with fsync always: what was taken before the crash is still recorded after it."""
-    queue.client.lpush("vqa", *(_raw(i) for i in range(4)))
-    taken = queue.pop(2)
-    redis_server.restart(kill=True)  # type: ignore[attr-defined]
-    assert _unacked(queue) == 2 and queue.client.llen("vqa") == 2
-    assert len(held_messages(queue.client, "vqa")) == 2
-    taken += queue.pop(1)
-    for delivery in taken:
-        assert queue.ack(delivery.tag)  # acked after the restart, by tag
-    assert _unacked(queue) == 0 and queue.client.llen("vqa") == 1
+    # A server of its own: killing the session's Redis would end other tests' leftover client
+    # threads mid-read, and their sockets would close unclosed during this test.
+    server = RedisServer(data_dir=tmp_path).start()
+    queue = RedisQueue.from_url(server.url, queue="vqa", consumer_id="w-a", heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S)
+    try:
+        queue.client.lpush("vqa", *(_raw(i) for i in range(4)))
+        taken = queue.pop(2)
+        server.restart(kill=True)
+        assert _unacked(queue) == 2 and queue.client.llen("vqa") == 2
+        assert len(held_messages(queue.client, "vqa")) == 2
+        taken += queue.pop(1)
+        for delivery in taken:
+            assert queue.ack(delivery.tag)  # acked after the restart, by tag
+        assert _unacked(queue) == 0 and queue.client.llen("vqa") == 1
+    finally:
+        queue.client.close()
+        server.stop(kill=True)
 
 
 def _send_with_priority(redis_url: str, priorities: list[int]) -> list[str]:
