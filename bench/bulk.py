@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import bulk_sections
-from bench.stack import stack
+from bench.stack import run_meta, sample_workdir, stack
 
 SECTIONS = ("memory", "publish", "collect", "kill")
 
@@ -68,19 +66,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(profile: Profile, *, name: str, command: str, sections: list[str]) -> dict[str, Any]:
-    from tests.support.images import write_sample_images
     from worker.dev.tiny_model import build_tiny_model
 
     started = time.monotonic()
-    result: dict[str, Any] = {
-        "meta": {"profile": name, "command": command, "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                 "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "python": platform.python_version()},
-    }
-    with tempfile.TemporaryDirectory(prefix="vqa-bench-bulk-") as tmp:
-        work = Path(tmp)
-        images = work / "images"
-        images.mkdir()
-        write_sample_images(images)
+    result: dict[str, Any] = {"meta": run_meta(name, command)}
+    with sample_workdir("vqa-bench-bulk-") as (work, images):
         with stack(images, delays=(0.0,)) as bench_stack:
             for section in sections:
                 say(f"section {section}")

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +201,25 @@ def stack(image_dir: Path, *, delays: tuple[float, ...] = (0.0, 0.1)) -> Iterato
         redis_server.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
 
+
+
+def run_meta(profile: str, command: str) -> dict[str, Any]:
+    """What every benchmark's output starts with: how it was run, when, and on what."""
+    return {"profile": profile, "command": command, "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "python": platform.python_version()}
+
+
+@contextlib.contextmanager
+def sample_workdir(prefix: str) -> Iterator[tuple[Path, Path]]:
+    """A temporary work directory and, inside it, the sample images the image server serves."""
+    from tests.support.images import write_sample_images
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        work = Path(tmp)
+        images = work / "images"
+        images.mkdir()
+        write_sample_images(images)
+        yield work, images
 
 def rss_kib(pid: int) -> int:
     """Resident set size of a process, from /proc (Linux)."""

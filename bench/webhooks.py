@@ -18,12 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from contextlib import contextmanager
@@ -34,7 +32,7 @@ from typing import Any
 
 import redis
 
-from bench.stack import stack
+from bench.stack import run_meta, sample_workdir, stack
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -71,18 +69,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(profile: Profile, *, name: str, command: str) -> dict[str, Any]:
     from tests.integration.receiver import webhook_receiver
-    from tests.support.images import write_sample_images
 
     started = time.monotonic()
-    result: dict[str, Any] = {
-        "meta": {"profile": name, "command": command, "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                 "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "python": platform.python_version()},
-    }
-    with tempfile.TemporaryDirectory(prefix="vqa-bench-webhooks-") as tmp:
-        work = Path(tmp)
-        images = work / "images"
-        images.mkdir()
-        write_sample_images(images)
+    result: dict[str, Any] = {"meta": run_meta(name, command)}
+    with sample_workdir("vqa-bench-webhooks-") as (work, images):
         with stack(images, delays=(0.0,)) as bench_stack, webhook_receiver(SECRET) as receiver:
             env = bench_stack.env(model="unused", VQA_WEBHOOK_SECRETS=SECRET, VQA_LOG_LEVEL="WARNING",
                                   VQA_ALLOWED_HOSTS=f"{next(iter(bench_stack.image_urls.values())).removeprefix('http://')},"
