@@ -98,8 +98,9 @@ class Deliveries:
         found = self._claim(keys=[keys.webhook_due_key(), keys.webhook_pending_key()], args=[now, limit, now + lease_s])
         return [Delivery.loads(text) for text in found]
 
-    def put_back(self, delivery: Delivery, *, at: float) -> None:
-        self.client.zadd(keys.webhook_due_key(), {delivery.delivery_id: at})
+    def put_back(self, deliveries: list[Delivery], *, at: float) -> None:
+        """Make claimed deliveries due again at ``at`` (one round trip for all)."""
+        self.client.zadd(keys.webhook_due_key(), {delivery.delivery_id: at for delivery in deliveries})
 
     def succeeded(self, delivery: Delivery) -> None:
         pipe = self.client.pipeline(transaction=True)

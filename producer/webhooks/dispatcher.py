@@ -8,7 +8,10 @@ specification's reference library. A 2xx ends a delivery; 410 Gone ends it and d
 next delay of VQA_WEBHOOK_RETRY_SCHEDULE; after the last, the delivery is dead-lettered.
 
 Deliveries run on a thread pool with at most VQA_WEBHOOK_PER_HOST in flight to one host, and
-waiting retries sit in a Redis sorted set, so one slow receiver never delays the others.
+waiting retries sit in a Redis sorted set, so one slow receiver never delays the others. Behind
+each host's in-flight deliveries wait at most as many more, claimed and held here: the thread
+that finishes one starts the next at once, and the loop wakes as soon as a slot frees, so one
+fast receiver is limited by its own latency, not by the loop's polling.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -35,7 +38,11 @@ from worker.fetch.netguard import HostRules
 log = logging.getLogger(__name__)
 
 _STALE_MS = 60_000  # a consumer's unacked event older than this is claimed by another (XAUTOCLAIM)
-_BUSY_HOST_DELAY_S = 0.1
+_BUSY_HOST_DELAY_S = 0.1  # a delivery to a host whose slots and queue are full is claimable again after this
+# After a claim that found hosts full, the next waits this long: a backlog to one busy host is
+# not claimed and put back on every freed slot (its held queue refills that often, enough).
+_FULL_ROUND_PAUSE_S = 0.02
+_IDLE_BLOCK_MS = 200  # how long a read of the stream blocks when nothing is in flight
 
 
 def sign(delivery: Delivery, secrets: list[Webhook], *, now: datetime) -> dict[str, str]:
@@ -58,9 +65,15 @@ class Dispatcher:
         self._rules = HostRules(tuple(settings.allowed_hosts))
         self._pool = ThreadPoolExecutor(max_workers=settings.webhook_concurrency, thread_name_prefix="vqa-webhook")
         self._lock = threading.Lock()
-        self._hosts: Counter[str] = Counter()
+        self._hosts: Counter[str] = Counter()  # deliveries in flight per host
+        self._waiting: dict[str, deque[Delivery]] = {}  # claimed, next in line per host (at most webhook_per_host)
         self._in_flight = 0
-        self._lease_s = settings.webhook_timeout_s + settings.webhook_connect_timeout_s + 30
+        self._held = 0  # in flight + waiting
+        self._wake = threading.Event()  # set when a delivery ends: a slot is free
+        self._next_claim = 0.0
+        # A held delivery waits behind at most one round of its host's deliveries, then runs one:
+        # its lease (when another dispatcher may take it) covers both.
+        self._lease_s = 2 * (settings.webhook_timeout_s + settings.webhook_connect_timeout_s) + 30
         self.delivered = 0
 
     def run(self) -> None:
@@ -73,10 +86,20 @@ class Dispatcher:
                 _cursor, entries, *_ = self.client.xautoclaim(stream, group, self.consumer, min_idle_time=_STALE_MS, count=100)
                 self._accept(entries)
                 next_autoclaim = time.monotonic() + 10
-            replies = self.client.xreadgroup(group, self.consumer, {stream: ">"}, count=100, block=200)
+            with self._lock:
+                active = self._held > 0
+            # While deliveries run, the stream is only polled (block=None) and the loop waits on
+            # the wake-up instead: a freed slot is refilled at once.
+            replies = self.client.xreadgroup(group, self.consumer, {stream: ">"}, count=100, block=None if active else _IDLE_BLOCK_MS)
             for _name, entries in replies or []:
                 self._accept(entries)
+            self._wake.clear()
             self._dispatch_due()
+            if active and not replies:
+                self._wake.wait(_BUSY_HOST_DELAY_S)
+                pause = self._next_claim - time.monotonic()
+                if pause > 0:
+                    self.stopping.wait(pause)
         self._pool.shutdown(wait=True)
 
     def _accept(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
@@ -90,32 +113,51 @@ class Dispatcher:
 
     def _dispatch_due(self) -> None:
         with self._lock:
-            free = self.settings.webhook_concurrency - self._in_flight
+            free = 2 * self.settings.webhook_concurrency - self._held
         if free <= 0:
             return
+        busy: list[Delivery] = []
         for delivery in self.deliveries.claim(limit=free, lease_s=self._lease_s):
             host = urlsplit(delivery.url).netloc.lower()
+            start = False
             with self._lock:
-                if self._hosts[host] >= self.settings.webhook_per_host:
-                    busy = True
-                else:
-                    busy = False
+                if self._hosts[host] < self.settings.webhook_per_host and self._in_flight < self.settings.webhook_concurrency:
                     self._hosts[host] += 1
                     self._in_flight += 1
-            if busy:
-                self.deliveries.put_back(delivery, at=time.time() + _BUSY_HOST_DELAY_S)
-                continue
-            self._pool.submit(self._deliver, delivery, host)
+                    self._held += 1
+                    start = True
+                elif self._hosts[host] > 0 and len(self._waiting.setdefault(host, deque())) < self.settings.webhook_per_host:
+                    # Only behind a delivery in flight to the same host: its thread takes it next.
+                    self._waiting[host].append(delivery)
+                    self._held += 1
+                else:
+                    busy.append(delivery)
+            if start:
+                self._pool.submit(self._deliver, delivery, host)
+        if busy:
+            self.deliveries.put_back(busy, at=time.time() + _BUSY_HOST_DELAY_S)
+            self._next_claim = time.monotonic() + _FULL_ROUND_PAUSE_S
 
-    def _deliver(self, delivery: Delivery, host: str) -> None:
-        try:
-            self._attempt(delivery)
-        except Exception:  # noqa: BLE001 - the delivery stays leased and comes due again
-            log.exception("webhook delivery %s failed unexpectedly", delivery.webhook_id)
-        finally:
+    def _deliver(self, delivery: Delivery | None, host: str) -> None:
+        """Deliver, then the host's next waiting delivery, until none waits; then free the slot."""
+        while delivery is not None:
+            try:
+                self._attempt(delivery)
+            except Exception:  # noqa: BLE001 - the delivery stays leased and comes due again
+                log.exception("webhook delivery %s failed unexpectedly", delivery.webhook_id)
             with self._lock:
-                self._hosts[host] -= 1
-                self._in_flight -= 1
+                self._held -= 1
+                waiting = self._waiting.get(host)
+                if waiting:
+                    delivery = waiting.popleft()
+                else:
+                    delivery = None
+                    self._waiting.pop(host, None)
+                    self._hosts[host] -= 1
+                    if self._hosts[host] <= 0:
+                        del self._hosts[host]  # a dispatcher runs for weeks: no counter per host ever seen
+                    self._in_flight -= 1
+            self._wake.set()
 
     def _attempt(self, delivery: Delivery) -> None:
         settings = self.settings
