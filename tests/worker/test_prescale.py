@@ -22,6 +22,7 @@ from worker.prescale import Prescaler
 pytestmark = pytest.mark.timeout(120)
 FULL = FetchPolicy()
 # (width, height): photos both ways round, panoramas, odd sizes whose fit rounds, and small ones.
+EVEN = [(4032, 3024), (3024, 4032), (1920, 1080), (1080, 1920), (640, 480)]  # camera ratios: always prescaled
 SIZES = [(4032, 3024), (3024, 4032), (1920, 1080), (1080, 1920), (2000, 1499), (1999, 500), (500, 1601), (1300, 731), (640, 480), (97, 61)]
 
 
@@ -54,8 +55,10 @@ def test_prescaled_prompt_has_the_full_paths_tokens_and_tiles(model: Any, size: 
     full, small = model.prepare(decode_image(data, FULL), "What is it?"), model.prepare(prescaled, "What is it?")
     assert small.input_ids.tolist() == full.input_ids.tolist()
     assert small.pixel_values.shape == full.pixel_values.shape
-    if size != (97, 61):  # the tiny model's largest pinpoint is 96 pixels: everything else shrinks
-        assert max(prescaled.size) <= 96 < max(size)
+    target = model.prescaler().target(*size)
+    assert prescaled.size == (target or size)  # None: rounding would change the grid or tokens, so decoded in full
+    if size in EVEN:  # the tiny model's largest pinpoint is 96 pixels
+        assert target is not None and max(target) <= 96
 
 
 @pytest.mark.parametrize("grid", ["full", "2x2", "2x1", "1x2", "1x1"])
@@ -75,8 +78,10 @@ def test_seven_b_geometry_keeps_grid_and_tokens_for_every_grid_a_job_can_ask(sev
         image_processor.image_grid_pinpoints = full_points
     assert small["input_ids"].shape == full["input_ids"].shape
     assert small["pixel_values"].shape == full["pixel_values"].shape
-    if min(size) > 1008:
-        assert max(prescaled.size) <= 1008
+    target = seven_b_prescaler().target(*size)
+    assert prescaled.size == (target or size)
+    if size in EVEN and min(size) > 1008:
+        assert target is not None and max(target) <= 1008
 
 
 def test_draft_decodes_a_phone_photo_at_reduced_scale(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -107,6 +112,13 @@ def test_non_jpeg_is_resized_once_without_a_draft() -> None:
     png = encode(Image.open(io.BytesIO(_encoded((2000, 1500), seed=5))), "PNG")
     # transformers' own float rounding: 1500 * (672 / 2000) = 504.00000000000006, so 505 rows.
     assert decode_image(png, FetchPolicy(prescale=seven_b_prescaler())).size == (672, 505)
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_grey_and_cmyk_jpegs_are_prescaled_to_rgb(mode: str) -> None:
+    data = encode(Image.open(io.BytesIO(_encoded((2016, 1512), seed=8))).convert(mode), "JPEG", quality=90)
+    image = decode_image(data, FetchPolicy(prescale=seven_b_prescaler()))
+    assert image.mode == "RGB" and image.size == seven_b_prescaler().target(2016, 1512)
 
 
 def test_an_image_the_processor_would_enlarge_is_left_alone() -> None:
@@ -147,6 +159,14 @@ def test_setting_is_validated_and_off_by_default(monkeypatch: pytest.MonkeyPatch
     prescaler = seven_b_prescaler()
     assert FetchPolicy.from_settings(on, prescale=prescaler).prescale is prescaler
     assert FetchPolicy.from_settings(Settings(image_prescale=False), prescale=prescaler).prescale is None
+
+
+def test_worker_puts_the_engines_prescaler_on_its_fetch_policy_only_when_asked(model: Any) -> None:
+    from worker.main import _fetch_policy
+
+    assert _fetch_policy(Settings(image_prescale=True), model).prescale == model.prescaler()
+    assert _fetch_policy(Settings(image_prescale=False), model).prescale is None
+    assert _fetch_policy(Settings(image_prescale=True), object()).prescale is None  # an engine without one: full decode
 
 
 @pytest.mark.parametrize("options", [{"pinpoints": ()}, {"side": 0}, {"patch": 0}])

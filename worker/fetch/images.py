@@ -6,9 +6,10 @@
 addresses vetted by :mod:`worker.fetch.netguard`) and ``s3://bucket/key`` for buckets the policy
 lists. ``decode_image`` trusts nothing the server said: the format comes from the magic
 bytes, only an allow-list of formats reaches Pillow, the pixel count is checked from the
-header before any pixel is decoded, and only the first frame of an animation is decoded. With a prescaler on the policy
-(``VQA_IMAGE_PRESCALE``, worker/prescale.py) a photo larger than the model will use is decoded
-at reduced scale and resized to the processor's target, after the same checks on its full size.
+header before any pixel is decoded, and only the first frame of an animation is decoded.
+With a prescaler on the policy (``VQA_IMAGE_PRESCALE``, worker/prescale.py) a photo larger than
+the model will use is decoded at reduced scale and resized to the processor's target, after the
+same checks on its full size.
 
 Every refusal is a :class:`producer.errors.ImageRejected` (permanent) or a transient error
 with one of these codes:
