@@ -221,17 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="per pool run")
     parser.add_argument("--workers", default="2,4", help="pool sizes, comma-separated")
     args = parser.parse_args(argv)
-    import PIL
-    import transformers
-
     started = datetime.now(UTC).isoformat(timespec="seconds")
     images = {size: jpeg(*size, seed=i) for i, size in enumerate(SIZES)}
     processors = {"pil": processor("pil")}
     try:
         processors["torchvision"] = processor("torchvision")
         torchvision_note = "measured"
-    except ImportError as exc:
-        torchvision_note = f"not measured: {exc} (torchvision is not installed beside the pinned torch CPU build)"
+    except (ImportError, RuntimeError, OSError) as exc:  # RuntimeError/OSError: a CUDA torchvision beside the CPU torch
+        torchvision_note = f"not measured: {exc} (no CPU torchvision for the pinned torch; see torchvision.md)"
     say(f"torchvision processor: {torchvision_note}")
     rows = per_image(images, processors, repeats=args.repeats)
     # The pool's mix: one phone photo per full-HD frame, as a bulk annotation of mixed sources might be.
@@ -244,17 +241,28 @@ def main(argv: list[str] | None = None) -> int:
             say(f"{run}")
             pools.append(run)
     result = {
-        "meta": {"started_at": started, "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                 "python": platform.python_version(), "transformers": transformers.__version__, "pillow": PIL.__version__,
-                 "command": shlex.join([Path(sys.executable).name, "-m", "bench.preprocess", *(argv if argv is not None else sys.argv[1:])]),
-                 "repeats": args.repeats, "pinpoints": pinpoints()},
+        "meta": run_header("bench.preprocess", argv, started_at=started, repeats=args.repeats, pinpoints=pinpoints()),
         "torchvision": torchvision_note, "per_image": rows, "pool_mix": "4032x3024 and 1920x1080 alternately", "pools": pools,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "preprocess.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "preprocess.md").write_text(markdown(result))
-    print(markdown(result))
+    write_result(args.out, "preprocess", result, markdown(result))
     return 0
+
+
+def run_header(module: str, argv: list[str] | None, **extra: Any) -> dict[str, Any]:
+    """How a CPU-side run was made: the machine, the versions and the exact command (bench.preprocess, bench.prescale)."""
+    import PIL
+    import transformers
+
+    return {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "transformers": transformers.__version__, "pillow": PIL.__version__,
+            "command": shlex.join([Path(sys.executable).name, "-m", module, *(argv if argv is not None else sys.argv[1:])]), **extra}
+
+
+def write_result(out: Path, name: str, result: dict[str, Any], text: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, s3_client: A
     counters = JobCounters(jobs_redis)
     cancels = CancelCheck(jobs_redis, revoked=RevokedSet(ttl_s=settings.revoke_ttl_s))
     preparer = JobPreparer(
-        engine=engine, store=store, counters=counters, cancels=cancels, policy=FetchPolicy.from_settings(settings), s3_client=s3
+        engine=engine, store=store, counters=counters, cancels=cancels, policy=_fetch_policy(settings, engine), s3_client=s3
     )
     # Bulk runs' counts and completion logs: on every worker (a no-op for jobs of no run).
     hooks = Hooks([JobLog(), BulkRuns(client=jobs_redis, s3_client=s3, settings=settings)])
@@ -146,6 +146,12 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, s3_client: A
 def _padding(engine: Engine) -> tuple[int, int]:
     """The Hugging Face engine's prompt-token counters (another engine may keep none)."""
     return getattr(engine, "real_tokens", 0), getattr(engine, "padded_tokens", 0)
+
+
+def _fetch_policy(settings: Settings, engine: Engine) -> FetchPolicy:
+    """The fetch caps, plus the engine's prescaler under VQA_IMAGE_PRESCALE (an engine without one decodes in full)."""
+    prescaler = getattr(engine, "prescaler", None)
+    return FetchPolicy.from_settings(settings, prescale=prescaler() if settings.image_prescale and prescaler else None)
 
 
 def _serve_endpoint(settings: Settings, readiness: Readiness) -> CollectorRegistry | None:

@@ -29,6 +29,7 @@ from producer.image_grid import limit_pinpoints, parse_grid
 from producer.schema import GenerationSettings
 from producer.settings import Settings
 from worker.engine import Answer
+from worker.prescale import Prescaler
 from worker.prefix import group_by_prefix, image_key, prefix_length, suffix_rows
 
 logger = logging.getLogger(__name__)
@@ -174,6 +175,16 @@ class VQAModel:
             pixel_values=pixel_values,
             image_size=image_size,
             image_key=image_key(pixel_values, image_size) if self.share_image_prefix else None,
+        )
+
+    def prescaler(self) -> Prescaler:
+        """This processor's geometry for ``VQA_IMAGE_PRESCALE``: decode images no larger than it will use."""
+        image_processor = self.processor.image_processor
+        return Prescaler(
+            pinpoints=tuple(tuple(point) for point in image_processor.image_grid_pinpoints),
+            side=image_processor.crop_size["height"],
+            patch=self.processor.patch_size,
+            resample=int(image_processor.resample),
         )
 
     def cost(self, inputs: ModelInputs) -> int:

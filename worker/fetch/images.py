@@ -7,6 +7,9 @@ addresses vetted by :mod:`worker.fetch.netguard`) and ``s3://bucket/key`` for bu
 lists. ``decode_image`` trusts nothing the server said: the format comes from the magic
 bytes, only an allow-list of formats reaches Pillow, the pixel count is checked from the
 header before any pixel is decoded, and only the first frame of an animation is decoded.
+With a prescaler on the policy (``VQA_IMAGE_PRESCALE``, worker/prescale.py) a photo larger than
+the model will use is decoded at reduced scale and resized to the processor's target, after the
+same checks on its full size.
 
 Every refusal is a :class:`producer.errors.ImageRejected` (permanent) or a transient error
 with one of these codes:
@@ -39,7 +42,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from producer.errors import ImageRejected, OutOfMemory, VQAError
 from worker.fetch import download
@@ -47,6 +50,7 @@ from worker.fetch.netguard import HostRules
 
 if TYPE_CHECKING:
     from producer.settings import Settings
+    from worker.prescale import Prescaler
 
 
 # Formats an operator may enable. Vector and page formats (SVG, PDF, EPS/PostScript) are
@@ -71,6 +75,8 @@ class FetchPolicy:
     # CA bundle for https; None uses the system trust store.
     ca_bundle: str | None = None
     user_agent: str = "vqa-worker/0.1"
+    # VQA_IMAGE_PRESCALE (worker/prescale.py): decode no larger than the model will use; None = full size.
+    prescale: Prescaler | None = field(default=None, compare=False)
     host_rules: HostRules = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -88,8 +94,9 @@ class FetchPolicy:
         object.__setattr__(self, "host_rules", HostRules(self.allowed_hosts))
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> FetchPolicy:
+    def from_settings(cls, settings: Settings, *, prescale: Prescaler | None = None) -> FetchPolicy:
         return cls(
+            prescale=prescale if settings.image_prescale else None,
             allowed_hosts=tuple(settings.allowed_hosts),
             connect_timeout_s=settings.fetch_connect_timeout_s,
             total_timeout_s=settings.fetch_timeout_s,
@@ -222,9 +229,28 @@ def _decode(data: bytes, fmt: str, policy: FetchPolicy) -> Image.Image:
                 f"{policy.max_pixels:,}; resize it and try again",
                 code="image_too_many_pixels",
             )
+        target = _prescale_target(image, policy.prescale)
+        if target is not None and fmt == "JPEG":
+            # The smallest of 1/2, 1/4, 1/8 that is still at least the target, in stored orientation.
+            image.draft("RGB", target[::-1] if _swaps_axes(image) else target)
         image.load()  # the current frame only: frame 0 of an animation
         upright = ImageOps.exif_transpose(image)
-    return _to_rgb(upright)
+    rgb = _to_rgb(upright)
+    if target is not None and rgb.size != target:
+        rgb = rgb.resize(target, policy.prescale.resample)  # type: ignore[union-attr]
+    return rgb
+
+
+def _swaps_axes(image: Image.Image) -> bool:
+    # EXIF orientations 5-8 are transposed or rotated by 90 degrees: width and height trade places.
+    return image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+
+
+def _prescale_target(image: Image.Image, prescale: Prescaler | None) -> tuple[int, int] | None:
+    if prescale is None:
+        return None
+    width, height = image.size
+    return prescale.target(*((height, width) if _swaps_axes(image) else (width, height)))
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

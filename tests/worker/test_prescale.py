@@ -1,0 +1,175 @@
+"""VQA_IMAGE_PRESCALE (worker/prescale.py): decoding no larger than the model uses keeps its grid and tokens."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from PIL.JpegImagePlugin import JpegImageFile
+from pydantic import ValidationError
+
+from bench.prescale import photo, seven_b_prescaler
+from producer.errors import ImageRejected
+from producer.image_grid import limit_pinpoints, parse_grid
+from producer.settings import Settings
+from tests.support.image_bytes import encode, png_header_bomb
+from worker.fetch.images import FetchPolicy, decode_image
+from worker.prescale import Prescaler
+
+pytestmark = pytest.mark.timeout(120)
+FULL = FetchPolicy()
+# (width, height): photos both ways round, panoramas, odd sizes whose fit rounds, and small ones.
+EVEN = [(4032, 3024), (3024, 4032), (1920, 1080), (1080, 1920), (640, 480)]  # camera ratios: always prescaled
+SIZES = [(4032, 3024), (3024, 4032), (1920, 1080), (1080, 1920), (2000, 1499), (1999, 500), (500, 1601), (1300, 731), (640, 480), (97, 61)]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path) -> Any:
+    from worker.model import VQAModel
+
+    return VQAModel.load(Settings(model=str(tiny_model_dir), quantization="none", device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def seven_b_processor(model: Any) -> Any:
+    """The 7B's image processor (bench/preprocess.py's settings) with the tiny tokenizer: its token counts need no weights."""
+    from transformers import LlavaNextProcessor
+
+    from bench.preprocess import processor
+
+    return LlavaNextProcessor(image_processor=processor("pil"), tokenizer=model.processor.tokenizer, patch_size=14,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def _encoded(size: tuple[int, int], seed: int) -> bytes:
+    return photo(*size, seed=seed)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_prescaled_prompt_has_the_full_paths_tokens_and_tiles(model: Any, size: tuple[int, int]) -> None:
+    data = _encoded(size, seed=sum(size))
+    prescaled = decode_image(data, FetchPolicy(prescale=model.prescaler()))
+    full, small = model.prepare(decode_image(data, FULL), "What is it?"), model.prepare(prescaled, "What is it?")
+    assert small.input_ids.tolist() == full.input_ids.tolist()
+    assert small.pixel_values.shape == full.pixel_values.shape
+    target = model.prescaler().target(*size)
+    assert prescaled.size == (target or size)  # None: rounding would change the grid or tokens, so decoded in full
+    if size in EVEN:  # the tiny model's largest pinpoint is 96 pixels
+        assert target is not None and max(target) <= 96
+
+
+@pytest.mark.parametrize("grid", ["full", "2x2", "2x1", "1x2", "1x1"])
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_seven_b_geometry_keeps_grid_and_tokens_for_every_grid_a_job_can_ask(seven_b_processor: Any, size: tuple[int, int], grid: str) -> None:
+    data = _encoded(size, seed=1)
+    prescaled = decode_image(data, FetchPolicy(prescale=seven_b_prescaler()))
+    # A job narrowing the grid gets the image prescaled for the worker's full grid.
+    image_processor = seven_b_processor.image_processor
+    full_points = image_processor.image_grid_pinpoints
+    image_processor.image_grid_pinpoints = limit_pinpoints(full_points, 336, parse_grid(grid))
+    try:
+        prompt = "USER: <image>\nWhat is it? ASSISTANT:"
+        full = seven_b_processor(images=[decode_image(data, FULL)], text=[prompt], return_tensors="pt")
+        small = seven_b_processor(images=[prescaled], text=[prompt], return_tensors="pt")
+    finally:
+        image_processor.image_grid_pinpoints = full_points
+    assert small["input_ids"].shape == full["input_ids"].shape
+    assert small["pixel_values"].shape == full["pixel_values"].shape
+    target = seven_b_prescaler().target(*size)
+    assert prescaled.size == (target or size)
+    if size in EVEN and min(size) > 1008:
+        assert target is not None and max(target) <= 1008
+
+
+def test_draft_decodes_a_phone_photo_at_reduced_scale(monkeypatch: pytest.MonkeyPatch) -> None:
+    drafts: list[Any] = []
+    original = JpegImageFile.draft
+
+    def spy(self: JpegImageFile, mode: str | None, size: tuple[int, int] | None) -> Any:
+        result = original(self, mode, size)
+        drafts.append((size, self.size))
+        return result
+
+    monkeypatch.setattr(JpegImageFile, "draft", spy)
+    image = decode_image(_encoded((4032, 3024), seed=3), FetchPolicy(prescale=seven_b_prescaler()))
+    assert image.size == (672, 504) and image.mode == "RGB"
+    assert drafts == [((672, 504), (1008, 756))]  # 1/4 scale: the smallest still at least the target
+
+
+def test_exif_rotated_photo_is_prescaled_upright() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    stored = Image.open(io.BytesIO(_encoded((4032, 3024), seed=4)))
+    data = encode(stored, "JPEG", quality=90, exif=exif.tobytes())
+    assert decode_image(data, FULL).size == (3024, 4032)
+    assert decode_image(data, FetchPolicy(prescale=seven_b_prescaler())).size == (504, 672)
+
+
+def test_non_jpeg_is_resized_once_without_a_draft() -> None:
+    png = encode(Image.open(io.BytesIO(_encoded((2000, 1500), seed=5))), "PNG")
+    # transformers' own float rounding: 1500 * (672 / 2000) = 504.00000000000006, so 505 rows.
+    assert decode_image(png, FetchPolicy(prescale=seven_b_prescaler())).size == (672, 505)
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_grey_and_cmyk_jpegs_are_prescaled_to_rgb(mode: str) -> None:
+    data = encode(Image.open(io.BytesIO(_encoded((2016, 1512), seed=8))).convert(mode), "JPEG", quality=90)
+    image = decode_image(data, FetchPolicy(prescale=seven_b_prescaler()))
+    assert image.mode == "RGB" and image.size == seven_b_prescaler().target(2016, 1512)
+
+
+def test_an_image_the_processor_would_enlarge_is_left_alone() -> None:
+    data = _encoded((640, 480), seed=6)
+    assert decode_image(data, FetchPolicy(prescale=seven_b_prescaler())).tobytes() == decode_image(data, FULL).tobytes()
+
+
+def _jpeg_claiming(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header (SOF0) claims ``width`` x ``height``: a decompression bomb's header."""
+    data = bytearray(encode(Image.new("RGB", (16, 16), (10, 20, 30)), "JPEG", quality=80))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("data", [_jpeg_claiming(60000, 60000), png_header_bomb(50000, 50000)], ids=["jpeg", "png"])
+def test_bombs_are_refused_before_any_draft(data: bytes) -> None:
+    with pytest.raises(ImageRejected) as caught:
+        decode_image(data, FetchPolicy(prescale=seven_b_prescaler()))
+    assert caught.value.code == "image_too_many_pixels"
+
+
+def test_pixel_cap_counts_the_full_size_not_the_prescaled_one() -> None:
+    data = _encoded((2000, 1500), seed=7)  # 3 megapixels, prescaled to 672x504 = 0.3
+    with pytest.raises(ImageRejected) as caught:
+        decode_image(data, FetchPolicy(max_pixels=1_000_000, prescale=seven_b_prescaler()))
+    assert caught.value.code == "image_too_many_pixels"
+
+
+def test_setting_is_validated_and_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().image_prescale is False
+    monkeypatch.setenv("VQA_IMAGE_PRESCALE", "true")
+    on = Settings()
+    assert on.image_prescale is True
+    monkeypatch.setenv("VQA_IMAGE_PRESCALE", "maybe")
+    with pytest.raises(ValidationError, match="image_prescale"):
+        Settings()
+    prescaler = seven_b_prescaler()
+    assert FetchPolicy.from_settings(on, prescale=prescaler).prescale is prescaler
+    assert FetchPolicy.from_settings(Settings(image_prescale=False), prescale=prescaler).prescale is None
+
+
+def test_worker_puts_the_engines_prescaler_on_its_fetch_policy_only_when_asked(model: Any) -> None:
+    from worker.main import _fetch_policy
+
+    assert _fetch_policy(Settings(image_prescale=True), model).prescale == model.prescaler()
+    assert _fetch_policy(Settings(image_prescale=False), model).prescale is None
+    assert _fetch_policy(Settings(image_prescale=True), object()).prescale is None  # an engine without one: full decode
+
+
+@pytest.mark.parametrize("options", [{"pinpoints": ()}, {"side": 0}, {"patch": 0}])
+def test_prescaler_refuses_a_broken_geometry(options: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        Prescaler(**{"pinpoints": ((336, 672),), "side": 336, "patch": 14, "resample": 3, **options})
