@@ -9,7 +9,7 @@ next delay of VQA_WEBHOOK_RETRY_SCHEDULE; after the last, the delivery is dead-l
 
 Deliveries run on a thread pool with at most VQA_WEBHOOK_PER_HOST in flight to one host, and
 waiting retries sit in a Redis sorted set, so one slow receiver never delays the others. Behind
-each host's in-flight deliveries wait at most as many more, claimed and held here: the thread
+each host's in-flight deliveries wait at most twice as many more, claimed and held here: the thread
 that finishes one starts the next at once, and the loop wakes as soon as a slot frees, so one
 fast receiver is limited by its own latency, not by the loop's polling.
 """
@@ -66,14 +66,15 @@ class Dispatcher:
         self._pool = ThreadPoolExecutor(max_workers=settings.webhook_concurrency, thread_name_prefix="vqa-webhook")
         self._lock = threading.Lock()
         self._hosts: Counter[str] = Counter()  # deliveries in flight per host
-        self._waiting: dict[str, deque[Delivery]] = {}  # claimed, next in line per host (at most webhook_per_host)
+        self._waiting: dict[str, deque[Delivery]] = {}  # claimed, next in line per host (at most 2 x webhook_per_host)
         self._in_flight = 0
         self._held = 0  # in flight + waiting
         self._wake = threading.Event()  # set when a delivery ends: a slot is free
         self._next_claim = 0.0
-        # A held delivery waits behind at most one round of its host's deliveries, then runs one:
-        # its lease (when another dispatcher may take it) covers both.
-        self._lease_s = 2 * (settings.webhook_timeout_s + settings.webhook_connect_timeout_s) + 30
+        self._backlog = False  # the last claim found hosts full: more is due than was taken
+        # A held delivery waits behind at most two rounds of its host's deliveries, then runs one:
+        # its lease (when another dispatcher may take it) covers all three.
+        self._lease_s = 3 * (settings.webhook_timeout_s + settings.webhook_connect_timeout_s) + 30
         self.delivered = 0
 
     def run(self) -> None:
@@ -87,7 +88,7 @@ class Dispatcher:
                 self._accept(entries)
                 next_autoclaim = time.monotonic() + 10
             with self._lock:
-                active = self._held > 0
+                active = self._held > 0 or self._backlog
             # While deliveries run, the stream is only polled (block=None) and the loop waits on
             # the wake-up instead: a freed slot is refilled at once.
             replies = self.client.xreadgroup(group, self.consumer, {stream: ">"}, count=100, block=None if active else _IDLE_BLOCK_MS)
@@ -113,7 +114,7 @@ class Dispatcher:
 
     def _dispatch_due(self) -> None:
         with self._lock:
-            free = 2 * self.settings.webhook_concurrency - self._held
+            free = 3 * self.settings.webhook_concurrency - self._held
         if free <= 0:
             return
         busy: list[Delivery] = []
@@ -126,7 +127,7 @@ class Dispatcher:
                     self._in_flight += 1
                     self._held += 1
                     start = True
-                elif self._hosts[host] > 0 and len(self._waiting.setdefault(host, deque())) < self.settings.webhook_per_host:
+                elif self._hosts[host] > 0 and len(self._waiting.setdefault(host, deque())) < 2 * self.settings.webhook_per_host:
                     # Only behind a delivery in flight to the same host: its thread takes it next.
                     self._waiting[host].append(delivery)
                     self._held += 1
@@ -134,6 +135,7 @@ class Dispatcher:
                     busy.append(delivery)
             if start:
                 self._pool.submit(self._deliver, delivery, host)
+        self._backlog = bool(busy)
         if busy:
             self.deliveries.put_back(busy, at=time.time() + _BUSY_HOST_DELAY_S)
             self._next_claim = time.monotonic() + _FULL_ROUND_PAUSE_S
