@@ -89,8 +89,14 @@ class SentinelGroup:
         self.sentinel_ports.append(port)
 
     def _link_up(self) -> bool:
-        assert self.replica is not None
-        return self._info(self.replica).get("master_link_status") == "up"
+        return self.master_link_up(self.replica)
+
+    def master_link_up(self, server: RedisServer | None) -> bool:
+        """Whether ``server`` is a replica in sync with its master."""
+        try:
+            return self._info(server).get("master_link_status") == "up"
+        except redis.RedisError:
+            return False
 
     def _sentinels_see_replica(self) -> bool:
         for port in self.sentinel_ports:
