@@ -21,6 +21,11 @@ services-check:
 	@command -v redis-server >/dev/null || { echo "installing redis-server"; \
 	  (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || \
 	  { echo "redis-server is required: install it with your OS package manager"; exit 1; }; }
+	@# The failover tests start sentinels as worker/dev/sentinel.py does: redis-sentinel, else redis-server --sentinel.
+	@if command -v redis-sentinel >/dev/null; then echo "sentinel: $$(command -v redis-sentinel)"; \
+	  elif command -v redis-server >/dev/null; then \
+	  echo "sentinel: redis-sentinel not installed; the failover tests run redis-server --sentinel"; \
+	  else echo "sentinel: unavailable (apt-get install redis-sentinel)"; fi
 
 demo: env
 	$(BIN)/vqa demo

@@ -49,7 +49,11 @@ class PartitionProxy:
             except OSError:
                 return
             self._flowing.wait()  # a partition refuses nothing; the connection just waits
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:  # upstream gone (a killed Redis): the client sees its connection closed
+                client.close()
+                continue
             self._sockets += [client, upstream]
             threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
