@@ -10,6 +10,10 @@ Two sections, one run, one private redis-server and S3 API server:
   Standard Webhooks reference library), and each one's latency after its event's ``finished_at``.
 * ``paced``: events XADDed at a steady rate well under that capacity: the latency one delivery
   takes when nothing queues ahead of it.
+* ``worker``: a real ``vqa worker`` on the bench model answering the same burst of jobs with
+  completion events off (``VQA_EVENTS_ENABLED=false``; the dispatcher idles), then on with every job
+  asking for a webhook that the dispatcher delivers, in alternating rounds: jobs/s and the
+  model's time per full batch, to show whether the model loop notices them.
 """
 
 from __future__ import annotations
@@ -41,12 +45,15 @@ class Profile:
     burst_events: int
     paced_events: int
     paced_rate: float  # events per second
+    worker_jobs: int = 48  # per round of the worker section
+    worker_rounds: int = 2  # of each setting, alternating off/on
+    worker_model: str = "bench"  # worker/dev/tiny_model.py size
 
 
 PROFILES = {
     "full": Profile(burst_events=2000, paced_events=200, paced_rate=20.0),
     # Seconds, not minutes: the harness's own test. Figures from it mean nothing.
-    "tiny": Profile(burst_events=20, paced_events=10, paced_rate=20.0),
+    "tiny": Profile(burst_events=20, paced_events=10, paced_rate=20.0, worker_jobs=8, worker_rounds=1, worker_model="tiny"),
 }
 
 
@@ -88,6 +95,8 @@ def run(profile: Profile, *, name: str, command: str) -> dict[str, Any]:
                 say(f"paced: {profile.paced_events} events at {profile.paced_rate}/s")
                 result["paced"] = synthetic(client, receiver, url=f"{receiver.url}/paced", events=profile.paced_events,
                                             rate=profile.paced_rate)
+                # The dispatcher keeps running, idle in the rounds with events off.
+                result["worker"] = worker_on_off(bench_stack, env, receiver, profile, work)
             client.close()
     result["settings"] = {"VQA_WEBHOOK_CONCURRENCY": 32, "VQA_WEBHOOK_PER_HOST": 4}  # the defaults the dispatcher ran with
     result["meta"]["seconds"] = round(time.monotonic() - started, 1)
@@ -145,6 +154,54 @@ def synthetic(client: redis.Redis, receiver: Any, *, url: str, events: int, rate
     return out
 
 
+def worker_on_off(bench_stack: Any, env: dict[str, str], receiver: Any, profile: Profile, work: Path) -> dict[str, Any]:
+    """The same burst of jobs through a real worker with events and webhooks off, then on, alternating."""
+    from bench.e2e import summarize
+    from bench.model import QUESTION, write_workloads
+    from producer.schema import GenerationSettings
+    from worker.dev.tiny_model import build_tiny_model
+
+    model = str(build_tiny_model(work / "model", size=profile.worker_model))  # type: ignore[arg-type]
+    files = write_workloads(bench_stack.image_dir, uniform=profile.worker_jobs, mixed=0)["uniform"].files
+    gen = GenerationSettings(max_new_tokens=8, min_new_tokens=8)
+    base = {**env, "VQA_MODEL": model, "VQA_MAX_BATCH_SIZE": "8", "VQA_MAX_NEW_TOKENS": "8"}
+    rounds: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+    image_url = next(iter(bench_stack.image_urls.values()))
+    tag = f"w{int(time.time())}"
+    for n in range(profile.worker_rounds):
+        for setting in ("off", "on"):
+            worker_env = {**base, "VQA_EVENTS_ENABLED": "true" if setting == "on" else "false"}
+            bench_stack.start_worker(worker_env)
+            path = f"/worker-{n}"
+            requests = [{"image_url": f"{image_url}/{name}", "question": QUESTION, "idempotency_key": f"{tag}-{setting}{n}-{i}",
+                         "generation": gen.model_dump(), **({"webhook_url": f"{receiver.url}{path}"} if setting == "on" else {})}
+                        for i, name in enumerate(files)]
+            say(f"worker: events {setting}, round {n + 1}, {len(requests)} jobs")
+            events = redis.Redis.from_url(bench_stack.redis.url)
+            events_before = events.xlen("vqa:events")
+            with bench_stack.client(worker_env) as client:
+                start = time.monotonic()
+                ids = client.submit_many(requests)
+            done = bench_stack.listener.wait_for(ids, timeout=900)
+            summary = summarize(start, list(done.values()))
+            time.sleep(0.5)  # a record is published before its event is appended
+            summary["events_appended"] = events.xlen("vqa:events") - events_before
+            events.close()
+            if setting == "on":
+                summary["webhooks_verified"] = len(_wait_deliveries(receiver, path, len(ids), timeout=120))
+            rounds[setting].append({key: summary[key] for key in ("images_per_s_wall", "images_per_s", "full_batch_infer_ms_median",
+                                                                   "model_utilisation", "events_appended")} | {k: v for k, v in summary.items() if k == "webhooks_verified"})
+    bench_stack.stop_worker()
+
+    def median(setting: str, key: str) -> float | None:
+        values = [r[key] for r in rounds[setting] if r.get(key) is not None]
+        return round(statistics.median(values), 3) if values else None
+
+    return {"model": profile.worker_model, "jobs_per_round": profile.worker_jobs, "rounds": rounds,
+            **{f"{key}_{setting}": median(setting, key) for key in ("images_per_s_wall", "full_batch_infer_ms_median")
+               for setting in ("off", "on")}}
+
+
 def _wait_deliveries(receiver: Any, path: str, count: int, *, timeout: float) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while True:
@@ -185,6 +242,22 @@ def markdown(result: dict[str, Any]) -> str:
         f"The dispatcher process spent {burst['dispatcher_cpu_ms_per_delivery']} ms of CPU per burst delivery "
         "(signing, the POST, its Redis bookkeeping); the receiver verifying signatures runs on the same 2 cores.", "",
     ]
+    worker = result.get("worker")
+    if worker:
+        lines += [
+            f"## The worker with events and webhooks off vs. on ({worker['model']} model, {worker['jobs_per_round']} jobs a round, "
+            "batch 8, rounds alternating)", "",
+            "| round | events | jobs/s (wall) | full batch in the model, median | model busy | events appended | webhooks verified |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for n in range(len(worker["rounds"]["off"])):
+            for setting in ("off", "on"):
+                r = worker["rounds"][setting][n]
+                lines.append(f"| {n + 1} | {setting} | {r['images_per_s_wall']} | {r['full_batch_infer_ms_median']} ms | "
+                             f"{r['model_utilisation']} | {r['events_appended']} | {r.get('webhooks_verified', '—')} |")
+        lines += ["", f"Medians: {worker['images_per_s_wall_off']} jobs/s off, {worker['images_per_s_wall_on']} on; a full batch "
+                  f"{worker['full_batch_infer_ms_median_off']} ms off, {worker['full_batch_infer_ms_median_on']} ms on. "
+                  "On this machine the dispatcher, the receiver and the model share 2 cores; on a GPU host only the first two share the CPU.", ""]
     return "\n".join(lines)
 
 
