@@ -26,7 +26,7 @@ from typing import Any
 
 from bench.e2e import burst, enqueue_rates, memory_run, open_loop
 from bench.model import QUESTION, direct_throughput, load_images, padding_run, write_workloads
-from bench.prefix import prefix_sharing
+from bench.prefix import interleaved_sharing, prefix_sharing
 from bench.report import markdown, plot, targets
 from bench.stack import stack
 
@@ -191,6 +191,12 @@ def run(profile: Profile, *, name: str, command: str, sections: set[str]) -> dic
                 say(f"shared image prefixes: {profile.prefix_images} images x {PREFIX_QUESTIONS_PER_IMAGE} questions")
                 result["prefix"] = prefix_sharing(model, uniform_images[: profile.prefix_images],
                                                   per_image=PREFIX_QUESTIONS_PER_IMAGE, generation=gen)
+                say("shared image prefixes end to end, questions interleaved across images")
+                pb = profile.latency_batch
+                result["meta"]["prefix_batch_size"] = pb
+                result["prefix_interleaved"] = interleaved_sharing(
+                    st, st.env(model=model_dir, quantization=q, VQA_MAX_BATCH_SIZE=str(pb), VQA_MAX_NEW_TOKENS=str(profile.new_tokens)),
+                    loads["uniform"].files[: profile.prefix_images], per_image=PREFIX_QUESTIONS_PER_IMAGE, generation=gen, tag=f"{tag}-pfx")
             if "memory" not in sections:
                 return _finish(result, profile, started, load, torch, transformers)
             say(f"memory: {profile.memory_jobs} jobs on the tiny model")

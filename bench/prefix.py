@@ -3,16 +3,25 @@
 Engine-level, the same images and questions both ways: each image's questions are one batch
 (what the batcher forms from a bulk line's ``questions: [...]``). Reports questions/s, the
 prompt tokens the language model computed per question, and how many greedy answers agree.
+
+:func:`interleaved_sharing` is the same comparison end to end, through a real worker: the
+questions arrive interleaved across images (img1-q1, img2-q1, ..., img1-q2, ...), as independent
+submissions do, so sharing depends on the batcher putting one image's questions together and on
+the worker fetching each image once (worker/imageshare.py); it also counts the image server's
+requests per question.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from producer.schema import GenerationSettings
+
+if TYPE_CHECKING:
+    from bench.stack import Stack
 
 QUESTIONS = (
     "What is shown in this image? Answer briefly.",
@@ -60,4 +69,49 @@ def _run(model: Any, batches: list[list[Any]], *, shared: bool, generation: Gene
         "answers": answers,
         "qps": round(len(answers) / seconds, 3),
         "tokens_per_question": round((model.computed_prompt_tokens - tokens_before) / len(answers), 1),
+    }
+
+
+def interleaved_sharing(st: Stack, env: dict[str, str], files: list[str], *, per_image: tuple[int, ...],
+                        generation: GenerationSettings, tag: str) -> list[dict[str, Any]]:
+    """One row per questions-per-image count: end-to-end questions/s and image fetches per question, sharing off vs. on."""
+    runs: dict[bool, dict[int, dict[str, Any]]] = {}
+    for shared in (False, True):
+        worker_env = {**env, "VQA_SHARE_IMAGE_PREFIX": "true" if shared else "false"}
+        st.start_worker(worker_env)
+        _burst(st, worker_env, files[:2], 2, generation=generation, tag=f"{tag}-warm-{shared}")  # kernels, first fetches
+        runs[shared] = {count: _burst(st, worker_env, files, count, generation=generation, tag=f"{tag}-{shared}-{count}")
+                        for count in per_image}
+    st.stop_worker()
+    rows = []
+    for count in per_image:
+        plain, shared = runs[False][count], runs[True][count]
+        rows.append({
+            "questions_per_image": count, "images": len(files), "questions": plain["questions"],
+            "qps_without": plain["qps"], "qps_with": shared["qps"], "speedup": round(shared["qps"] / plain["qps"], 3),
+            "fetches_per_question_without": plain["fetches_per_question"], "fetches_per_question_with": shared["fetches_per_question"],
+            "mean_batch_size_with": shared["mean_batch_size"], "failed": plain["failed"] + shared["failed"],
+        })
+    return rows
+
+
+def _burst(st: Stack, env: dict[str, str], files: list[str], count: int, *, generation: GenerationSettings, tag: str) -> dict[str, Any]:
+    """Every image's ``count`` questions at once, interleaved across images; wall-clock questions/s to the last record."""
+    base = st.image_urls[0.0]
+    requests = [
+        {"image_url": f"{base}/{name}", "question": QUESTIONS[q % len(QUESTIONS)], "idempotency_key": f"{tag}-{q}-{name}",
+         "generation": generation.model_dump()}
+        for q in range(count) for name in files
+    ]
+    seen = len(st.image_requests[0.0])
+    with st.client(env) as client:
+        start = time.monotonic()
+        ids = client.submit_many(requests)
+    done = st.listener.wait_for(ids, timeout=900)
+    last = max(d.at for d in done.values())
+    fetches = len(st.image_requests[0.0]) - seen
+    batches = {(d.record.get("worker"), d.record.get("started_at")) for d in done.values()}
+    return {
+        "questions": len(ids), "qps": round(len(ids) / (last - start), 3), "fetches_per_question": round(fetches / len(ids), 3),
+        "mean_batch_size": round(len(ids) / max(1, len(batches)), 2), "failed": sum(d.status != "SUCCESS" for d in done.values()),
     }

@@ -97,6 +97,17 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {row['questions_per_image']} | {row['questions']} | {row['qps_without']} | {row['qps_with']} | {row['speedup']}x "
                          f"| {row['prompt_tokens_per_question_without']} | {row['prompt_tokens_per_question_with']} "
                          f"| {row['answers_agreeing']}/{row['questions']} |")
+    interleaved = result.get("prefix_interleaved")
+    if interleaved:
+        lines += ["", "## Shared image prefixes end to end, questions interleaved across images", "",
+                  f"A worker at batch {result['meta'].get('prefix_batch_size')}; every image's questions submitted at once, interleaved "
+                  "(img1-q1, img2-q1, ..., img1-q2, ...); `VQA_SHARE_IMAGE_PREFIX` off and on (one fetch per image for the jobs in the "
+                  "worker at once, the batcher puts one image's questions together). Questions/s: wall clock, submit to the last record.", "",
+                  "| questions/image | questions | q/s without | q/s with | speedup | image fetches/question without | with "
+                  "| mean batch (with) |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in interleaved:
+            lines.append(f"| {row['questions_per_image']} | {row['questions']} | {row['qps_without']} | {row['qps_with']} | {row['speedup']}x "
+                         f"| {row['fetches_per_question_without']} | {row['fetches_per_question_with']} | {row['mean_batch_size_with']} |")
     enqueue = result.get("enqueue")
     if enqueue:
         lines += ["", f"## Enqueue rate ({enqueue['jobs']} jobs)", "", "| path | jobs/s |", "|---|---:|"]

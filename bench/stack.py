@@ -106,6 +106,7 @@ class Stack:
     s3: S3Server
     image_dir: Path
     image_urls: dict[float, str]  # delay_s -> base URL of an image server adding that latency
+    image_requests: dict[float, list[str]]  # delay_s -> every path that server was asked for, in order
     workdir: Path
     listener: CompletionListener
     bucket: str = "vqa-bench"
@@ -187,10 +188,12 @@ def stack(image_dir: Path, *, delays: tuple[float, ...] = (0.0, 0.1)) -> Iterato
     current: Stack | None = None
     try:
         with contextlib.ExitStack() as servers:
-            urls = {delay: servers.enter_context(image_server(image_dir, delay_s=delay)) for delay in delays}
+            requests: dict[float, list[str]] = {delay: [] for delay in delays}
+            urls = {delay: servers.enter_context(image_server(image_dir, delay_s=delay, requests=requests[delay])) for delay in delays}
             boto3.client("s3", endpoint_url=s3_server.url).create_bucket(Bucket="vqa-bench")
             listener = CompletionListener(redis_server.url)
-            current = Stack(redis=redis_server, s3=s3_server, image_dir=image_dir, image_urls=urls, workdir=workdir, listener=listener)
+            current = Stack(redis=redis_server, s3=s3_server, image_dir=image_dir, image_urls=urls, image_requests=requests,
+                            workdir=workdir, listener=listener)
             yield current
     finally:
         if current is not None:

@@ -7,13 +7,21 @@ on each image shape). A batch is padded to its longest prompt, so it costs
 of a due group, the run of items closest to it in cost that fills a batch with the least
 padding and stays within ``max_tokens`` padded tokens. The oldest item is always in the batch,
 so no item waits behind a stream of better-fitting ones.
+
+Affinity (``add(..., affinity=image_key)``): items about one image are worth putting together
+(worker/prefix.py prefills the image once for all of them). A batch starts from the oldest
+item's image, then takes every other image's items together, in the order of their oldest
+item, so that interleaved arrivals (img1-q1, img2-q1, img1-q2, img2-q2) still share. With
+padding-aware batching one image's items sit next to each other in the cost order, and a batch
+that splits an image's items pays, in the score, one more prefill of that image. Items without
+an affinity are alone in their own group: with none set, batches are exactly as without.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -26,6 +34,7 @@ class _Entry(Generic[T]):
     cost: int
     arrived_at: float
     seq: int
+    affinity: Hashable | None = None
 
 
 @dataclass
@@ -80,11 +89,14 @@ class MicroBatcher(Generic[T]):
     def __len__(self) -> int:
         return sum(len(group.entries) for group in self._groups.values())
 
-    def add(self, key: Hashable, item: T, *, cost: int = 0, arrived_at: float | None = None) -> None:
-        """Add a ready item. ``arrived_at`` (clock time) backdates it, e.g. to when its message arrived."""
+    def add(self, key: Hashable, item: T, *, cost: int = 0, arrived_at: float | None = None, affinity: Hashable | None = None) -> None:
+        """Add a ready item. ``arrived_at`` (clock time) backdates it, e.g. to when its message arrived.
+
+        Items with one ``affinity`` (e.g. an image's content hash) are preferred in one batch.
+        """
         group = self._groups.setdefault(key, _Group())
         when = self._clock() if arrived_at is None else arrived_at
-        group.entries.append(_Entry(item=item, cost=max(0, int(cost)), arrived_at=when, seq=next(self._seq)))
+        group.entries.append(_Entry(item=item, cost=max(0, int(cost)), arrived_at=when, seq=next(self._seq), affinity=affinity))
 
     def next_due_in(self) -> float | None:
         """Seconds until some group becomes due (0 if one is due now); None when empty."""
@@ -143,28 +155,36 @@ class MicroBatcher(Generic[T]):
         if not entries:
             return Selection((), False, 0, 0)
         if not self.max_tokens:
-            # Padding-blind: first come, first served.
-            indices = tuple(range(min(self.max_size, len(entries))))
+            # Padding-blind: first come, first served, an image's items together.
+            order = [i for members in _affinity_groups(entries, range(len(entries))) for i in members]
+            indices = tuple(sorted(order[: self.max_size]))
             return _selection(entries, indices, complete=len(entries) >= self.max_size)
         return self._select_by_cost(entries)
 
     def _select_by_cost(self, entries: list[_Entry[T]]) -> Selection:
-        order = sorted(range(len(entries)), key=lambda i: (entries[i].cost, entries[i].seq))
+        by_cost = sorted(range(len(entries)), key=lambda i: (entries[i].cost, entries[i].seq))
+        # Cost order, one image's items next to each other (each group at its dearest item's cost).
+        groups = sorted(_affinity_groups(entries, by_cost), key=lambda g: (max(entries[i].cost for i in g), min(entries[i].seq for i in g)))
+        order = [i for members in groups for i in members]
+        group_of = {i: n for n, members in enumerate(groups) for i in members}
         oldest = min(range(len(entries)), key=lambda i: (entries[i].arrived_at, entries[i].seq))
         anchor = order.index(oldest)
         costs = [entries[i].cost for i in order]
         n_items = len(order)
         for size in range(min(self.max_size, n_items), 0, -1):
-            # Windows of `size` neighbours in cost order that hold the oldest item and fit the
+            # Windows of `size` neighbours in that order that hold the oldest item and fit the
             # budget. Score: this batch's padding plus what the rest would pad in batches of
-            # max_size, so the choice does not strand awkward leftovers.
+            # max_size, so the choice does not strand awkward leftovers, plus one prefill of
+            # each image whose items the window splits.
             best: tuple[int, int] | None = None  # (waste, start)
             for start in range(max(0, anchor - size + 1), min(anchor, n_items - size) + 1):
-                padded = size * costs[start + size - 1]
+                window = costs[start : start + size]
+                padded = size * max(window)
                 if size > 1 and padded > self.max_tokens:
                     continue
-                waste = padded - sum(costs[start : start + size])
-                waste += _chunked_waste(costs[:start] + costs[start + size :], self.max_size)
+                waste = padded - sum(window)
+                waste += _chunked_waste(sorted(costs[:start] + costs[start + size :]), self.max_size)
+                waste += _split_cost(entries, groups, {group_of[i] for i in order[start : start + size]}, order[start : start + size])
                 if best is None or waste < best[0]:
                     best = (waste, start)
             if best is None:
@@ -176,6 +196,26 @@ class MicroBatcher(Generic[T]):
             complete = size == self.max_size or size < n_items
             return _selection(entries, indices, complete=complete)
         raise AssertionError("a single item always fits")  # pragma: no cover - size 1 never fails
+
+
+def _affinity_groups(entries: list[_Entry[T]], order: Iterable[int]) -> list[list[int]]:
+    """Indices grouped by affinity, groups in the order of their first index in ``order``; no affinity: a group of one."""
+    groups: dict[Hashable, list[int]] = {}
+    for i in order:
+        affinity = entries[i].affinity
+        groups.setdefault(("seq", entries[i].seq) if affinity is None else ("affinity", affinity), []).append(i)
+    return list(groups.values())
+
+
+def _split_cost(entries: list[_Entry[T]], groups: list[list[int]], touched: set[int], window: list[int]) -> int:
+    """Tokens of one more prefill (the cheapest item's prompt) for each image group the window cuts."""
+    inside = set(window)
+    cost = 0
+    for n in touched:
+        members = groups[n]
+        if len(members) > 1 and not inside.issuperset(members):
+            cost += min(entries[i].cost for i in members)
+    return cost
 
 
 def _chunked_waste(sorted_costs: list[int], size: int) -> int:

@@ -319,7 +319,8 @@ class BatchingConsumer:
             needs_model = prepared.inputs is not None
             # Jobs that need no model (record exists, fetch failed) are batched apart from those that do.
             key = pending.job.generation if needs_model else ("no-model", pending.job.generation)
-            self.batcher.add(key, pending, cost=prepared.cost, arrived_at=pending.received_at)
+            # One image's questions together: they share its prefill (worker/prefix.py).
+            self.batcher.add(key, pending, cost=prepared.cost, arrived_at=pending.received_at, affinity=prepared.image_key)
 
     def _apply_outcomes(self) -> None:
         while True:

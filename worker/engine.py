@@ -10,6 +10,11 @@ hosts, a shared-prefix engine) implements the same four things:
     generate_batch(inputs, gen) one batched call; one :class:`Answer` per input, in order
     name, quantization          what records say produced the answer
 
+An engine may also split ``prepare`` into its two parts (:class:`ImageFirstEngine`), so that
+jobs about one image in a worker at the same time preprocess the image once
+(worker/imageshare.py); prepared inputs may carry an ``image_key`` (a content hash) that the
+batcher uses to put one image's questions together (worker/batching.py).
+
 Errors: ``generate_batch`` raises :class:`producer.errors.OutOfMemory` when a batch does not
 fit (the runner splits it) and anything else for a batch that breaks the model (the runner
 splits it until the culprit stands alone).
@@ -54,4 +59,17 @@ class Engine(Protocol):
 
     def generate_batch(self, inputs: Sequence[Any], generation: GenerationSettings) -> list[Answer]:
         """Answer prepared jobs in one batched call; one Answer per input, in input order."""
+        ...
+
+
+@runtime_checkable
+class ImageFirstEngine(Engine, Protocol):
+    """An engine whose ``prepare(image, question)`` is ``prepare_question(prepare_image(image), question)``."""
+
+    def prepare_image(self, image: Any) -> Any:
+        """The image's part of the inputs, shared by every question about it; called on fetch threads."""
+        ...
+
+    def prepare_question(self, image_inputs: Any, question: str) -> Any:
+        """One job's inputs from the image's part and its question; called on fetch threads."""
         ...

@@ -29,6 +29,12 @@ class Prepared:
     # Deliveries of the job that reached a model and never came back, before this one
     # (worker/counters.py): read on the fetch pool so the model thread does not wait for it.
     earlier_deliveries: int = 0
+    # Content hash of the job's image (engine inputs' ``image_key``; set when prefix sharing is
+    # on): the batcher puts one image's questions together (worker/batching.py).
+    image_key: str | None = None
+    # The image this job shares with others (worker/imageshare.py): held here so that jobs
+    # arriving while this one is in the worker find it; dropped with the job.
+    shared_image: Any = None
 
 
 @dataclass

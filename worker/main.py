@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from producer.celery_app import make_celery
 from producer.connections import redis_client
 from producer.settings import Settings
+from worker.batching import prefetch_batches
 from worker.bulkruns import BulkRuns
 from worker.cancels import CancelCheck, RevokedSet
 from worker.consumer import BatchingConsumer
@@ -21,6 +22,7 @@ from worker.engine import Engine
 from worker.fetch.images import FetchPolicy, install_pillow_warning_filter
 from worker.health import Readiness
 from worker.hooks import Hooks, WorkerInfo
+from worker.imageshare import SharedImages
 from worker.joblog import JobLog
 from worker.preparing import JobPreparer
 from worker.runner import BatchRunner
@@ -82,8 +84,13 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, s3_client: A
     store = RecordStore(settings, s3_client=s3, app=app, marks=jobs_redis)
     counters = JobCounters(jobs_redis)
     cancels = CancelCheck(jobs_redis, revoked=RevokedSet(ttl_s=settings.revoke_ttl_s))
+    # One fetch, decode and image preprocessing per image for the jobs in the worker at once, with
+    # prefix sharing (off: every job fetches its own, as before). At most one entry per job held.
+    held = prefetch_batches(settings.max_batch_tokens) * settings.max_batch_size + settings.fetch_concurrency
+    images = SharedImages(max_entries=held) if settings.share_image_prefix else None
     preparer = JobPreparer(
-        engine=engine, store=store, counters=counters, cancels=cancels, policy=_fetch_policy(settings, engine), s3_client=s3
+        engine=engine, store=store, counters=counters, cancels=cancels, policy=_fetch_policy(settings, engine), s3_client=s3,
+        images=images,
     )
     # Bulk runs' counts and completion logs: on every worker (a no-op for jobs of no run).
     hooks = Hooks([JobLog(), BulkRuns(client=jobs_redis, s3_client=s3, settings=settings)])

@@ -61,6 +61,16 @@ class ModelInputs:
         return int(self.input_ids.shape[0])
 
 
+@dataclass(frozen=True)
+class ImageInputs:
+    """An image preprocessed for the model before any question: what the jobs about it share."""
+
+    pixel_values: torch.Tensor  # (tiles, 3, side, side)
+    image_size: torch.Tensor  # (2,): original height, width
+    image_tokens: int  # what the prompt's <image> placeholder expands to for this image
+    image_key: str | None = None
+
+
 # Left padding shifts a prompt right by however much its batch companions need, and attention
 # kernels reduce over keys in vector-width chunks counted from the start of the row: a shift
 # changes the rounding, and a last-bit change can flip a near-tied greedy token (more so in
@@ -74,7 +84,7 @@ PAD_TO_MULTIPLE_OF = 16
 class VQAModel:
     """A loaded processor + model pair that turns (image, question) lists into answers: the Hugging Face engine.
 
-    Implements :class:`worker.engine.Engine`. Build it with :meth:`load`. :meth:`generate` runs one batched ``model.generate`` call;
+    Implements :class:`worker.engine.ImageFirstEngine`. Build it with :meth:`load`. :meth:`generate` runs one batched ``model.generate`` call;
     with greedy decoding each answer is the one that job would get alone, up to floating-point
     near-ties (kernels round differently for different batch shapes; see the tests).
     """
@@ -164,18 +174,39 @@ class VQAModel:
 
     def prepare(self, image: Image.Image, question: str) -> ModelInputs:
         """Preprocess one job (thread-safe; the worker runs it on the fetch pool, off the model thread)."""
+        return self.prepare_question(self.prepare_image(image), question)
+
+    def prepare_image(self, image: Image.Image) -> ImageInputs:
+        """The image's part of a job's inputs (tiles, placeholder count), the same for every question about it."""
+        processor = self._processor()
+        # The processor's own path, on a prompt that is only the placeholder: it counts this
+        # image's anyres tokens exactly as for a full prompt.
+        encoded = processor(images=[image], text=[processor.image_token], return_tensors="pt")
+        pixel_values, image_size = encoded["pixel_values"][0], encoded["image_sizes"][0]
+        return ImageInputs(
+            pixel_values=pixel_values,
+            image_size=image_size,
+            image_tokens=int((encoded["input_ids"][0] == processor.image_token_id).sum()),
+            image_key=image_key(pixel_values, image_size) if self.share_image_prefix else None,
+        )
+
+    def prepare_question(self, image: ImageInputs, question: str) -> ModelInputs:
+        """One job's inputs from its image's part: what ``processor(images, text)`` gives, the tiles not copied."""
+        processor = self._processor()
+        token = processor.image_token
+        prompt = self.build_prompt(question).replace(token, token * image.image_tokens)
+        return ModelInputs(
+            input_ids=processor.tokenizer(prompt, return_tensors="pt")["input_ids"][0],
+            pixel_values=image.pixel_values,
+            image_size=image.image_size,
+            image_key=image.image_key,
+        )
+
+    def _processor(self) -> LlavaNextProcessor:
         processor = getattr(self._local, "processor", None)
         if processor is None:
             processor = self._local.processor = copy.deepcopy(self.processor)
-        # The processor expands <image> to this image's anyres token count.
-        encoded = processor(images=[image], text=[self.build_prompt(question)], return_tensors="pt")
-        pixel_values, image_size = encoded["pixel_values"][0], encoded["image_sizes"][0]
-        return ModelInputs(
-            input_ids=encoded["input_ids"][0],
-            pixel_values=pixel_values,
-            image_size=image_size,
-            image_key=image_key(pixel_values, image_size) if self.share_image_prefix else None,
-        )
+        return processor
 
     def prescaler(self) -> Prescaler:
         """This processor's geometry for ``VQA_IMAGE_PRESCALE``: decode images no larger than it will use."""

@@ -10,6 +10,10 @@ For each job, off the consumer and model threads:
 3. Fetch and decode the image under the SSRF guard and the caps (worker/fetch/).
 4. Preprocess it for the engine (tiles, prompt tokens), so the model thread only pads and runs.
 
+With ``images`` (worker/imageshare.py, on with ``VQA_SHARE_IMAGE_PREFIX``) steps 3 and 4's
+image part run once for the jobs in the worker that ask about one URL: one job loads the image,
+the others wait for it (or find it), then each adds its own question.
+
 Any failure is kept on the result (``Prepared.error``) for the runner to retry or record; the
 preparer itself never raises.
 """
@@ -24,8 +28,9 @@ from producer.errors import CorruptRecord, PermanentError, StorageUnavailable, V
 from producer.schema import Job
 from worker.cancels import CancelCheck
 from worker.counters import JobCounters
-from worker.engine import Engine
+from worker.engine import Engine, ImageFirstEngine
 from worker.fetch.images import FetchPolicy, fetch_image
+from worker.imageshare import SharedImages
 from worker.jobs import Prepared
 from worker.storage import RecordStore
 
@@ -36,7 +41,8 @@ class JobPreparer:
     """Callable run on the fetch pool: ``preparer(job) -> Prepared``."""
 
     def __init__(
-        self, *, engine: Engine, store: RecordStore, counters: JobCounters, cancels: CancelCheck, policy: FetchPolicy, s3_client: Any
+        self, *, engine: Engine, store: RecordStore, counters: JobCounters, cancels: CancelCheck, policy: FetchPolicy, s3_client: Any,
+        images: SharedImages | None = None,
     ) -> None:
         self.engine = engine
         self.cancels = cancels
@@ -44,6 +50,7 @@ class JobPreparer:
         self.counters = counters
         self.policy = policy
         self.s3_client = s3_client
+        self.images = images
 
     def __call__(self, job: Job) -> Prepared:
         try:
@@ -79,6 +86,8 @@ class JobPreparer:
         return self._fetch_and_prepare(job, earlier=history.earlier_deliveries)
 
     def _fetch_and_prepare(self, job: Job, *, earlier: int) -> Prepared:
+        if self.images is not None:
+            return self._prepare_shared(job, earlier=earlier)
         start = time.perf_counter()
         image = fetch_image(job.image_url, self.policy, s3_client=self.s3_client)
         fetched = time.perf_counter()
@@ -89,4 +98,41 @@ class JobPreparer:
             fetch_ms=(fetched - start) * 1000,
             preprocess_ms=(time.perf_counter() - fetched) * 1000,
             earlier_deliveries=earlier,
+            image_key=getattr(inputs, "image_key", None),
+        )
+
+    def _prepare_shared(self, job: Job, *, earlier: int) -> Prepared:
+        assert self.images is not None
+        split = isinstance(self.engine, ImageFirstEngine)
+        timings: dict[str, float] = {}
+
+        def load() -> Any:
+            start = time.perf_counter()
+            image = fetch_image(job.image_url, self.policy, s3_client=self.s3_client)
+            timings["fetch"] = time.perf_counter() - start
+            if not split:
+                return image
+            fetched = time.perf_counter()
+            part = self.engine.prepare_image(image)  # type: ignore[attr-defined]
+            timings["image"] = time.perf_counter() - fetched
+            return part
+
+        start = time.perf_counter()
+        shared, loaded = self.images.get(job.image_url, load)
+        # A job that shared the image reports its wait as its fetch, and no image preprocessing.
+        got = time.perf_counter()
+        fetch_s = timings["fetch"] if loaded else got - start
+        image_s = timings.get("image", 0.0) if loaded else 0.0
+        if split:
+            inputs = self.engine.prepare_question(shared.value, job.question)  # type: ignore[attr-defined]
+        else:
+            inputs = self.engine.prepare(shared.value, job.question)
+        return Prepared(
+            inputs=inputs,
+            cost=self.engine.cost(inputs),
+            fetch_ms=fetch_s * 1000,
+            preprocess_ms=(image_s + time.perf_counter() - got) * 1000,
+            earlier_deliveries=earlier,
+            image_key=getattr(inputs, "image_key", None),
+            shared_image=shared,
         )

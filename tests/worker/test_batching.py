@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -185,3 +186,67 @@ def test_batches_respect_size_budget_groups_and_lose_nothing(max_size: int, max_
     while batch := batcher.take():
         check(batch)
     assert sorted(taken) == sorted(added) and len(batcher) == 0
+
+
+# -- affinity: one image's questions together ------------------------------------------------
+
+
+def _interleaved(batcher: MicroBatcher[str], images: int, questions: int, *, cost: dict[str, int] | None = None) -> None:
+    """img1-q1, img2-q1, img3-q1, img1-q2, ...: independent submissions interleaving."""
+    for q in range(questions):
+        for i in range(images):
+            image = f"img{i}"
+            batcher.add("g", f"{image}-q{q}", cost=(cost or {}).get(image, 300) + q, arrived_at=float(q * images + i), affinity=image)
+
+
+def _images(batch: list[str]) -> list[str]:
+    return sorted({item.split("-")[0] for item in batch})
+
+
+@pytest.mark.parametrize("max_tokens", [0, 10_000], ids=["padding-blind", "padding-aware"])
+def test_interleaved_questions_about_one_image_share_a_batch(max_tokens: int) -> None:
+    batcher: MicroBatcher[str] = MicroBatcher(max_size=6, max_delay_s=0.0, max_tokens=max_tokens, clock=lambda: 100.0)
+    _interleaved(batcher, images=4, questions=3)
+    first = batcher.take()
+    assert "img0-q0" in first  # the oldest always goes
+    assert _images(first) == ["img0", "img1"]  # two whole images, not six different ones
+    second = batcher.take()
+    assert _images(second) == ["img2", "img3"]
+    assert len(batcher) == 0
+
+
+@pytest.mark.parametrize("max_tokens", [0, 10_000], ids=["padding-blind", "padding-aware"])
+def test_without_affinity_batches_are_as_before(max_tokens: int) -> None:
+    plain: MicroBatcher[str] = MicroBatcher(max_size=4, max_delay_s=0.0, max_tokens=max_tokens, clock=lambda: 0.0)
+    for i, cost in enumerate([300, 100, 310, 105, 290, 120, 305]):
+        plain.add("g", f"i{i}", cost=cost, arrived_at=float(i))
+    assert plain.take() == (["i0", "i1", "i2", "i3"] if not max_tokens else ["i0", "i2", "i4", "i6"])
+
+
+def test_padding_aware_affinity_keeps_the_oldest_and_the_budget() -> None:
+    # img0 is cheap, img1 dear: the oldest (img0-q0) goes, and the budget still caps the batch.
+    batcher: MicroBatcher[str] = MicroBatcher(max_size=4, max_delay_s=0.0, max_tokens=2000, clock=lambda: 100.0)
+    _interleaved(batcher, images=2, questions=3, cost={"img0": 300, "img1": 900})
+    first = batcher.take()
+    assert first == ["img0-q0", "img0-q1", "img0-q2"]  # img1's prompts would pad past the budget
+    assert batcher.take() == ["img1-q0", "img1-q1"]  # 2 x 902 fits 2000; a third would not
+    assert batcher.take() == ["img1-q2"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(50, 400)), min_size=1, max_size=24), st.integers(1, 6),
+       st.sampled_from([0, 800, 2000]))
+def test_affinity_never_drops_or_starves_an_item(items: list[tuple[int, int]], size: int, budget: int) -> None:
+    batcher: MicroBatcher[int] = MicroBatcher(max_size=size, max_delay_s=0.0, max_tokens=budget, clock=lambda: 100.0)
+    for n, (image, cost) in enumerate(items):
+        batcher.add("g", n, cost=cost, arrived_at=float(n), affinity=image)
+    seen: list[int] = []
+    while len(batcher):
+        remaining = sorted(set(range(len(items))) - set(seen))
+        batch = batcher.take()
+        assert remaining[0] in batch  # the oldest waiting item is always in the batch
+        assert len(batch) <= size
+        if budget and len(batch) > 1:
+            assert len(batch) * max(items[n][1] for n in batch) <= budget
+        seen.extend(batch)
+    assert sorted(seen) == list(range(len(items)))

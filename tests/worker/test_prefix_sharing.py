@@ -99,3 +99,16 @@ def test_group_by_prefix_needs_two_of_a_kind() -> None:
     groups, alone = group_by_prefix([key, None, ("other", (1, 2)), key])
     assert [(group.indices, group.prefix_len) for group in groups] == [((0, 3), 2)]
     assert alone == [1, 2]
+
+
+@pytest.mark.parametrize("size", IMAGE_SIZES, ids=[f"{w}x{h}" for w, h in IMAGE_SIZES])
+def test_image_part_then_question_equals_the_processors_own_inputs(vqa: VQAModel, size: tuple[int, int]) -> None:
+    """prepare_image + prepare_question (one image part for many questions) give processor(images, text)'s tokens and tiles."""
+    image = _image(*size, seed=7)
+    part = vqa.prepare_image(image)
+    for question in [*QUESTIONS, "A literal <image> in the text"]:
+        full = vqa.processor(images=[image], text=[vqa.build_prompt(question)], return_tensors="pt")
+        inputs = vqa.prepare_question(part, question)
+        assert torch.equal(inputs.input_ids, full["input_ids"][0])
+        assert torch.equal(inputs.pixel_values, full["pixel_values"][0])
+        assert inputs.pixel_values is part.pixel_values  # shared, not copied per question

@@ -136,11 +136,13 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def image_server(directory: Path, *, delay_s: float = 0.0) -> Iterator[str]:
-    """Serve ``directory`` over loopback HTTP; yields the base URL. ``delay_s`` adds latency per request."""
+def image_server(directory: Path, *, delay_s: float = 0.0, requests: list[str] | None = None) -> Iterator[str]:
+    """Serve ``directory`` over loopback HTTP; yields the base URL. ``delay_s`` adds latency per request; ``requests`` gets each GET's path."""
 
     class Handler(_QuietHandler):
         def do_GET(self) -> None:
+            if requests is not None:
+                requests.append(self.path)  # list.append is atomic: handler threads may race
             if delay_s:
                 time.sleep(delay_s)
             super().do_GET()
