@@ -66,7 +66,7 @@ class QueueOnlyEngine:
     def __init__(self, *, batch_s: float) -> None:
         self.batch_s = batch_s
 
-    def prepare(self, image: Any, question: str) -> Any:
+    def prepare(self, image: Any, question: str, *, image_grid: str | None = None) -> Any:
         return len(question)
 
     def cost(self, inputs: Any) -> int:

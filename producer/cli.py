@@ -73,6 +73,10 @@ def submit(
     deadline: Annotated[str | None, typer.Option("--deadline", help="ISO 8601 time with a zone; not started by then, the job ends as expired.")] = None,
     expires_in: Annotated[str | None, typer.Option("--expires-in", help="Like --deadline, from now: 90s, 15m, 24h, 7d.")] = None,
     webhook: Annotated[str | None, typer.Option("--webhook", help="URL called (signed) once the job's record is stored.")] = None,
+    image_grid: Annotated[
+        str | None,
+        typer.Option("--image-grid", help="Less image detail than the workers' VQA_IMAGE_GRID: full or RxC (e.g. 2x1, 1x1); fewer image tokens, faster."),
+    ] = None,
     priority: Annotated[Priority, typer.Option("--priority", help="Lane: high jobs are taken before default ones, default before low.")] = Priority.default,
     wait: Annotated[bool, typer.Option("--wait", help="Wait and print the result record; exit 1 if the job failed.")] = False,
     timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds to wait with --wait.")] = None,
@@ -89,6 +93,7 @@ def submit(
             deadline=deadline,
             expires_in=expires_in,
             webhook_url=webhook,
+            image_grid=image_grid,
             priority=priority.value,
         )
         if not wait:

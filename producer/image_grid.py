@@ -45,3 +45,29 @@ def limit_pinpoints(pinpoints: list[list[int]], side: int, limit: GridLimit | No
         return [list(point) for point in pinpoints]
     kept = [list(point) for point in pinpoints if point[0] <= limit.rows * side and point[1] <= limit.cols * side]
     return kept or [[side, side]]
+
+
+def grid_text(limit: GridLimit | None) -> str:
+    """The canonical spelling of a limit: ``full`` or ``RxC``."""
+    return FULL if limit is None else f"{limit.rows}x{limit.cols}"
+
+
+def intersect(first: GridLimit | None, second: GridLimit | None) -> GridLimit | None:
+    """The tighter of two limits on each side (None = no limit)."""
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return GridLimit(rows=min(first.rows, second.rows), cols=min(first.cols, second.cols))
+
+
+def effective_grid(requested: str | None, worker_default: str) -> str:
+    """The grid a job runs with: what it asked for (None: nothing) within the worker's ``VQA_IMAGE_GRID``.
+
+    A job may ask for less detail than the worker's default, never more: ``full`` on a ``2x1``
+    worker is ``2x1``, ``1x1`` on a ``full`` worker is ``1x1``, ``1x3`` on a ``2x1`` one ``1x1``.
+    """
+    worker = parse_grid(worker_default)
+    if requested is None:
+        return grid_text(worker)
+    return grid_text(intersect(parse_grid(requested), worker))

@@ -10,9 +10,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, field_validator, model_serializer
 
 from producer.errors import CorruptRecord, InvalidJob
+from producer.image_grid import grid_text, parse_grid
 
 MAX_URL_LENGTH = 2048
 MAX_QUESTION_LENGTH = 2000
@@ -74,6 +75,9 @@ class Job(BaseModel):
     custom_id: str | None = Field(default=None, min_length=1, max_length=MAX_CUSTOM_ID_LENGTH)
     # Called (signed, by `vqa webhooks`, never by the GPU worker) once the job's record is stored.
     webhook_url: str | None = Field(default=None, max_length=MAX_URL_LENGTH)
+    # Less image detail than the worker's VQA_IMAGE_GRID (producer/image_grid.py): `full` or RxC.
+    # The worker runs the job with the intersection of the two, never more than its own.
+    image_grid: str | None = Field(default=None, max_length=16)
 
     @field_validator("image_url")
     @classmethod
@@ -84,6 +88,20 @@ class Job(BaseModel):
     @classmethod
     def _webhook_scheme(cls, value: str | None) -> str | None:
         return None if value is None else check_url_shape(value, schemes=WEBHOOK_SCHEMES, what="webhook URL")
+
+    @field_validator("image_grid")
+    @classmethod
+    def _image_grid(cls, value: str | None) -> str | None:
+        return None if value is None else grid_text(parse_grid(value))  # parse_grid raises the readable error
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_grid(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Absent rather than null when the job asks nothing: a worker of the previous version
+        # (extra="forbid") still accepts the messages of an upgraded producer.
+        data = handler(self)
+        if data.get("image_grid", "") is None:
+            del data["image_grid"]
+        return data
 
     @field_validator("submitted_at", "deadline")
     @classmethod
@@ -141,6 +159,9 @@ class Record(BaseModel):
     model: str
     quantization: str
     generation: GenerationSettings
+    # The anyres grid limit the job ran with (the job's image_grid within the worker's
+    # VQA_IMAGE_GRID); None on records written before it was recorded.
+    image_grid: str | None = None
     attempts: int = Field(ge=0)
     # How many times the model ran for this job (> 1 means redelivery cost a repeat).
     executions: int = Field(default=0, ge=0)
@@ -219,18 +240,22 @@ def derive_job_id(
     model: str,
     generation: GenerationSettings,
     idempotency_key: str | None = None,
+    image_grid: str | None = None,
 ) -> str:
     """The client's idempotency key if given, else a hash of everything that changes the answer."""
     if idempotency_key is not None:
         name = "key:" + idempotency_key
     else:
+        fields: dict[str, Any] = {
+            "image_url": image_url,
+            "question": question.strip(),
+            "model": model,
+            "generation": generation.model_dump(mode="json"),
+        }
+        if image_grid is not None:  # only then: the ids of jobs that ask nothing stay as they were
+            fields["image_grid"] = image_grid
         content = json.dumps(
-            {
-                "image_url": image_url,
-                "question": question.strip(),
-                "model": model,
-                "generation": generation.model_dump(mode="json"),
-            },
+            fields,
             sort_keys=True,
             separators=(",", ":"),
         )

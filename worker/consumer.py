@@ -43,12 +43,13 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
 from producer.errors import MessageRejected, VQAError
+from producer.image_grid import effective_grid
 from producer.schema import Job
 from producer.settings import Settings
 from worker.batching import RUNNING_AND_QUEUED, MicroBatcher, prefetch_batches
@@ -317,8 +318,12 @@ class BatchingConsumer:
                 continue  # handed back on shutdown meanwhile
             prepared = pending.prepared or Prepared()
             needs_model = prepared.inputs is not None
-            # Jobs that need no model (record exists, fetch failed) are batched apart from those that do.
-            key = pending.job.generation if needs_model else ("no-model", pending.job.generation)
+            # Jobs that need no model (record exists, fetch failed) are batched apart from those
+            # that do; those that do, by generation settings and image grid (one grid a batch).
+            if needs_model:
+                key: Hashable = (pending.job.generation, effective_grid(pending.job.image_grid, self.settings.image_grid))
+            else:
+                key = ("no-model", pending.job.generation)
             # One image's questions together: they share its prefill (worker/prefix.py).
             self.batcher.add(key, pending, cost=prepared.cost, arrived_at=pending.received_at, affinity=prepared.image_key)
 

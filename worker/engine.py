@@ -4,7 +4,9 @@ The consumer and the runner only ever talk to an :class:`Engine`. The Hugging Fa
 LLaVA-NeXT implementation is :class:`worker.model.VQAModel`; another engine (vLLM on GPU
 hosts, a shared-prefix engine) implements the same four things:
 
-    prepare(image, question)    one job's model inputs, built on a fetch thread (thread-safe)
+    prepare(image, question,    one job's model inputs, built on a fetch thread (thread-safe);
+            image_grid=None)    image_grid: the job's own detail request (``full``/``RxC``),
+                                which an engine without an anyres grid may ignore
     cost(inputs)                what the job costs a batch: its prompt length in tokens,
                                 image tokens included (padding-aware batching groups by it)
     generate_batch(inputs, gen) one batched call; one :class:`Answer` per input, in order
@@ -49,8 +51,12 @@ class Engine(Protocol):
     @property
     def quantization(self) -> str: ...
 
-    def prepare(self, image: Any, question: str) -> Any:
-        """One job's inputs (an image and its question), ready to batch; called on fetch threads."""
+    def prepare(self, image: Any, question: str, *, image_grid: str | None = None) -> Any:
+        """One job's inputs (an image and its question), ready to batch; called on fetch threads.
+
+        ``image_grid`` is the job's request for less image detail (None: the worker's default).
+        The worker batches jobs of one effective grid together.
+        """
         ...
 
     def cost(self, inputs: Any) -> int:
@@ -66,7 +72,7 @@ class Engine(Protocol):
 class ImageFirstEngine(Engine, Protocol):
     """An engine whose ``prepare(image, question)`` is ``prepare_question(prepare_image(image), question)``."""
 
-    def prepare_image(self, image: Any) -> Any:
+    def prepare_image(self, image: Any, *, image_grid: str | None = None) -> Any:
         """The image's part of the inputs, shared by every question about it; called on fetch threads."""
         ...
 

@@ -25,7 +25,7 @@ from transformers import (
 from transformers.utils import is_flash_attn_2_available
 
 from producer.errors import ModelLoadError, OutOfMemory
-from producer.image_grid import limit_pinpoints, parse_grid
+from producer.image_grid import FULL, effective_grid, limit_pinpoints, parse_grid
 from producer.schema import GenerationSettings
 from producer.settings import Settings
 from worker.engine import Answer
@@ -55,6 +55,10 @@ class ModelInputs:
     image_size: torch.Tensor  # (2,): original height, width
     # Content hash of the pixels when prefix sharing is on (worker/prefix.py), else None.
     image_key: str | None = None
+    # The anyres grid it was preprocessed for (the job's image_grid within VQA_IMAGE_GRID) and
+    # its pinpoints: the model must unpad its image features from the same ones.
+    image_grid: str = FULL
+    pinpoints: tuple[tuple[int, int], ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -69,6 +73,8 @@ class ImageInputs:
     image_size: torch.Tensor  # (2,): original height, width
     image_tokens: int  # what the prompt's <image> placeholder expands to for this image
     image_key: str | None = None
+    image_grid: str = FULL  # the effective grid it was preprocessed for, and its pinpoints
+    pinpoints: tuple[tuple[int, int], ...] = ()
 
 
 # Left padding shifts a prompt right by however much its batch companions need, and attention
@@ -99,6 +105,8 @@ class VQAModel:
         device: str,
         dtype: torch.dtype,
         share_image_prefix: bool = False,
+        image_grid: str = FULL,
+        checkpoint_pinpoints: Sequence[Sequence[int]] | None = None,
     ) -> None:
         self.name = name
         self.processor = processor
@@ -107,6 +115,11 @@ class VQAModel:
         self.device = device
         self.dtype = dtype
         self.share_image_prefix = share_image_prefix
+        # The worker's VQA_IMAGE_GRID: a job may ask for less, never more (producer/image_grid.py).
+        self.image_grid = image_grid
+        # The checkpoint's own pinpoints, before any limit: each job's grid is cut from these.
+        self._checkpoint_pinpoints = [list(point) for point in (checkpoint_pinpoints or model.config.image_grid_pinpoints)]
+        self._grid_pinpoints: dict[str, tuple[tuple[int, int], ...]] = {}
         # Fast tokenizers must not be used from two threads at once: each thread gets a copy.
         self._local = threading.local()
         # Prompt tokens the model was given vs. what padding made it compute (model thread only).
@@ -136,6 +149,7 @@ class VQAModel:
             raise ModelLoadError(f"cannot load model {settings.model!r}: {exc}") from exc
         model.eval()
         _prepare_tokenizer(processor)
+        checkpoint_pinpoints = [list(point) for point in model.config.image_grid_pinpoints]
         apply_image_grid(processor, model, settings.image_grid)
         return cls(
             name=settings.model,
@@ -145,6 +159,8 @@ class VQAModel:
             device=device,
             dtype=dtype,
             share_image_prefix=settings.share_image_prefix,
+            image_grid=settings.image_grid,
+            checkpoint_pinpoints=checkpoint_pinpoints,
         )
 
     def build_prompt(self, question: str) -> str:
@@ -172,13 +188,22 @@ class VQAModel:
             return []
         return self.generate_prepared([self.prepare(image, q) for image, q in zip(images, questions, strict=True)], generation)
 
-    def prepare(self, image: Image.Image, question: str) -> ModelInputs:
-        """Preprocess one job (thread-safe; the worker runs it on the fetch pool, off the model thread)."""
-        return self.prepare_question(self.prepare_image(image), question)
+    def prepare(self, image: Image.Image, question: str, *, image_grid: str | None = None) -> ModelInputs:
+        """Preprocess one job (thread-safe; the worker runs it on the fetch pool, off the model thread).
 
-    def prepare_image(self, image: Image.Image) -> ImageInputs:
-        """The image's part of a job's inputs (tiles, placeholder count), the same for every question about it."""
+        ``image_grid`` is the job's own request (``full`` or ``RxC``; None: the worker's
+        ``VQA_IMAGE_GRID``); the job gets at most the worker's grid.
+        """
+        return self.prepare_question(self.prepare_image(image, image_grid=image_grid), question)
+
+    def prepare_image(self, image: Image.Image, *, image_grid: str | None = None) -> ImageInputs:
+        """The image's part of a job's inputs (tiles, placeholder count), the same for every question about it at one grid."""
         processor = self._processor()
+        grid = effective_grid(image_grid, self.image_grid)
+        pinpoints = self.grid_pinpoints(grid)
+        # This thread's own copy: the tiles and the <image> token count follow the job's grid
+        # without touching what other fetch threads (or the model thread) see.
+        processor.image_processor.image_grid_pinpoints = [list(point) for point in pinpoints]
         # The processor's own path, on a prompt that is only the placeholder: it counts this
         # image's anyres tokens exactly as for a full prompt.
         encoded = processor(images=[image], text=[processor.image_token], return_tensors="pt")
@@ -188,6 +213,8 @@ class VQAModel:
             image_size=image_size,
             image_tokens=int((encoded["input_ids"][0] == processor.image_token_id).sum()),
             image_key=image_key(pixel_values, image_size) if self.share_image_prefix else None,
+            image_grid=grid,
+            pinpoints=pinpoints,
         )
 
     def prepare_question(self, image: ImageInputs, question: str) -> ModelInputs:
@@ -200,6 +227,8 @@ class VQAModel:
             pixel_values=image.pixel_values,
             image_size=image.image_size,
             image_key=image.image_key,
+            image_grid=image.image_grid,
+            pinpoints=image.pinpoints,
         )
 
     def _processor(self) -> LlavaNextProcessor:
@@ -218,6 +247,15 @@ class VQAModel:
             resample=int(image_processor.resample),
         )
 
+    def grid_pinpoints(self, image_grid: str) -> tuple[tuple[int, int], ...]:
+        """The checkpoint's pinpoints that fit ``image_grid`` (an effective grid: ``full`` or ``RxC``)."""
+        found = self._grid_pinpoints.get(image_grid)
+        if found is None:
+            side = self.model.config.vision_config.image_size
+            kept = limit_pinpoints(self._checkpoint_pinpoints, side, parse_grid(image_grid))
+            found = self._grid_pinpoints[image_grid] = tuple((int(h), int(w)) for h, w in kept)
+        return found
+
     def cost(self, inputs: ModelInputs) -> int:
         """Prompt tokens, image tokens included: what the job adds to a padded batch."""
         return inputs.num_tokens
@@ -235,17 +273,14 @@ class VQAModel:
         if not items:
             return []
         kwargs = _generate_kwargs(generation, self.processor.tokenizer)
-        if self.share_image_prefix:
-            groups, alone = group_by_prefix([self._prefix_key(item) for item in items])
-        else:
-            groups, alone = [], list(range(len(items)))
         rows: dict[int, torch.Tensor] = {}
         try:
             with torch.inference_mode():
-                if alone:
-                    rows.update(zip(alone, self._generate_padded([items[i] for i in alone], kwargs), strict=True))
-                for group in groups:
-                    rows.update(zip(group.indices, self._generate_shared([items[i] for i in group.indices], group.prefix_len, kwargs), strict=True))
+                # The worker batches jobs of one grid together; a mixed list (a direct caller)
+                # runs one grid at a time, as the config holds one list of pinpoints.
+                for pinpoints, indices in _by_pinpoints(items).items():
+                    self._use_pinpoints(pinpoints)
+                    rows.update(self._generate_rows(items, indices, kwargs))
         except RuntimeError as exc:  # torch.OutOfMemoryError (= torch.cuda.OutOfMemoryError) included
             if not _is_out_of_memory(exc):
                 raise
@@ -264,6 +299,29 @@ class VQAModel:
             )
             for item, text, row in zip(items, texts, new_tokens, strict=True)
         ]
+
+    def _use_pinpoints(self, pinpoints: tuple[tuple[int, int], ...]) -> None:
+        # The model unpads image features from its config's pinpoints (LlavaNext's
+        # pack_image_features and image_size_to_num_patches): they must be the ones the batch's
+        # tokens were counted with. Only the model thread runs the model, so setting them here
+        # is seen by nothing else.
+        pinpoints = pinpoints or self.grid_pinpoints(effective_grid(None, self.image_grid))
+        self.model.config.image_grid_pinpoints = [list(point) for point in pinpoints]
+
+    def _generate_rows(self, items: Sequence[ModelInputs], indices: list[int], kwargs: dict[str, Any]) -> dict[int, torch.Tensor]:
+        """Each of ``items[indices]``'s new tokens, by index; jobs about one image share its prefill when sharing is on."""
+        if self.share_image_prefix:
+            groups, alone_at = group_by_prefix([self._prefix_key(items[i]) for i in indices])
+            alone = [indices[i] for i in alone_at]
+        else:
+            groups, alone = [], list(indices)
+        rows: dict[int, torch.Tensor] = {}
+        if alone:
+            rows.update(zip(alone, self._generate_padded([items[i] for i in alone], kwargs), strict=True))
+        for group in groups:
+            members = [indices[i] for i in group.indices]
+            rows.update(zip(members, self._generate_shared([items[i] for i in members], group.prefix_len, kwargs), strict=True))
+        return rows
 
     def _prefix_key(self, item: ModelInputs) -> tuple[str, tuple[int, ...]] | None:
         if item.image_key is None:
@@ -350,6 +408,14 @@ def apply_image_grid(processor: LlavaNextProcessor, model: LlavaNextForCondition
     pinpoints = limit_pinpoints(model.config.image_grid_pinpoints, side, parse_grid(image_grid))
     processor.image_processor.image_grid_pinpoints = pinpoints
     model.config.image_grid_pinpoints = [list(point) for point in pinpoints]
+
+
+def _by_pinpoints(items: Sequence[ModelInputs]) -> dict[tuple[tuple[int, int], ...], list[int]]:
+    """Indices of ``items`` by the pinpoints they were preprocessed with, in first-seen order."""
+    groups: dict[tuple[tuple[int, int], ...], list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault(item.pinpoints, []).append(index)
+    return groups
 
 
 def resolve_device(device: str) -> str:

@@ -91,7 +91,7 @@ class JobPreparer:
         start = time.perf_counter()
         image = fetch_image(job.image_url, self.policy, s3_client=self.s3_client)
         fetched = time.perf_counter()
-        inputs = self.engine.prepare(image, job.question)
+        inputs = self.engine.prepare(image, job.question, image_grid=job.image_grid)
         return Prepared(
             inputs=inputs,
             cost=self.engine.cost(inputs),
@@ -113,12 +113,14 @@ class JobPreparer:
             if not split:
                 return image
             fetched = time.perf_counter()
-            part = self.engine.prepare_image(image)  # type: ignore[attr-defined]
+            part = self.engine.prepare_image(image, image_grid=job.image_grid)  # type: ignore[attr-defined]
             timings["image"] = time.perf_counter() - fetched
             return part
 
         start = time.perf_counter()
-        shared, loaded = self.images.get(job.image_url, load)
+        # Preprocessed tiles depend on the job's grid: only jobs of one grid share them.
+        key = (job.image_url, job.image_grid) if split else job.image_url
+        shared, loaded = self.images.get(key, load)
         # A job that shared the image reports its wait as its fetch, and no image preprocessing.
         got = time.perf_counter()
         fetch_s = timings["fetch"] if loaded else got - start
@@ -126,7 +128,7 @@ class JobPreparer:
         if split:
             inputs = self.engine.prepare_question(shared.value, job.question)  # type: ignore[attr-defined]
         else:
-            inputs = self.engine.prepare(shared.value, job.question)
+            inputs = self.engine.prepare(shared.value, job.question, image_grid=job.image_grid)
         return Prepared(
             inputs=inputs,
             cost=self.engine.cost(inputs),

@@ -36,6 +36,7 @@ from producer.errors import (
     TransientError,
     VQAError,
 )
+from producer.image_grid import effective_grid
 from producer.schema import ErrorInfo, Record, Usage, utcnow
 from producer.settings import Settings
 from worker.counters import JobCounters
@@ -383,6 +384,7 @@ class BatchRunner:
             model=str(self.engine.name),
             quantization=str(self.engine.quantization),
             generation=job.generation,
+            image_grid=effective_grid(job.image_grid, self.settings.image_grid),
             attempts=max(pending.deliveries - 1, 0) + pending.attempt,
             executions=executions,
             worker=self.worker_name,

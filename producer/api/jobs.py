@@ -32,6 +32,7 @@ class JobRequest(BaseModel):
     deadline: str | None = Field(default=None, description="ISO 8601 with a time zone")
     expires_in: str | float | None = Field(default=None, description="90s, 15m, 24h, 7d or seconds")
     webhook_url: str | None = None
+    image_grid: str | None = Field(default=None, description="Less image detail than the workers' VQA_IMAGE_GRID: full or RxC (e.g. 2x1, 1x1)")
 
 
 class Submitted(BaseModel):

@@ -2,7 +2,8 @@
 
 A line is ``custom_id`` (required, unique within the run; text or a whole number), ``image_url``,
 ``question`` or ``questions`` (a list: one job per question, same image; the run's default
-``--question``s when it has neither), and optionally ``max_new_tokens`` or ``generation``. Any
+``--question``s when it has neither), and optionally ``max_new_tokens``, ``generation`` or
+``image_grid`` (less image detail than the workers' ``VQA_IMAGE_GRID``: ``full`` or ``RxC``). Any
 other field makes the line invalid (a misspelt ``qestion`` must not silently use the default).
 The first valid line with a custom id holds it; a later line with the same id is invalid.
 """
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from producer.client import VQAClient
 
 MAX_QUESTIONS_PER_LINE = 16
-FIELDS = frozenset({"custom_id", "image_url", "question", "questions", "max_new_tokens", "generation"})
+FIELDS = frozenset({"custom_id", "image_url", "question", "questions", "max_new_tokens", "generation", "image_grid"})
 
 
 class InvalidLine(InvalidJob):
@@ -129,6 +130,9 @@ class LineJobs:
         generation = fields.get("generation")
         if generation is not None and not isinstance(generation, dict):
             raise InvalidLine("generation: must be an object")
+        image_grid = fields.get("image_grid")
+        if image_grid is not None and not isinstance(image_grid, str):
+            raise InvalidLine("image_grid: must be a string (full or RxC, e.g. 2x1)")
         try:
             return self.client.build_job(
                 image_url,
@@ -140,6 +144,7 @@ class LineJobs:
                 webhook_url=self.webhook_url,
                 bulk_id=self.bulk_id,
                 custom_id=custom_id,
+                image_grid=image_grid,
             )
         except InvalidJob as exc:
             raise InvalidLine(str(exc)) from exc

@@ -98,6 +98,10 @@ def test_submit_one_job_then_a_list(base: str, redis_url: str, http: requests.Se
     ids = many.json()["job_ids"]
     assert ids[0] == job_id and len(set(ids)) == 2  # the same job again is the same id, not queued twice
     assert queued(redis_url) == 2
+    # Less image detail is another job (another answer), queued beside the first.
+    detail = http.post(f"{base}/v1/jobs", json={**JOB, "image_grid": "1X1"}, timeout=5)
+    assert detail.status_code == 202, detail.text
+    assert detail.json()["job_ids"][0] not in ids and queued(redis_url) == 3
     assert http.post(f"{base}/v1/jobs/{ids[1]}/cancel", timeout=5).json() == {"job_id": ids[1], "cancelled": True}
 
 
@@ -114,6 +118,8 @@ def test_invalid_jobs_have_the_cli_messages_and_enqueue_nothing(base: str, redis
     assert "line 2: image_url" in str(listed["detail"]) and "line 3: missing fields: image_url" in str(listed["detail"])
     for body in ([], "a string", 7, [1], {**JOB, "expires_in": 1e300}, {**JOB, "generation": [1, 2]}, {**JOB, "surprise": 1}):
         _problem(http.post(f"{base}/v1/jobs", json=body, timeout=5), 422)
+    grid = _problem(http.post(f"{base}/v1/jobs", json={**JOB, "image_grid": "2by1"}, timeout=5), 422)
+    assert "image_grid" in str(grid["detail"]) and "image grid must be 'full' or RxC" in str(grid["detail"])
     _problem(http.get(f"{base}/v1/jobs/..%2F..%2Fetc", timeout=5), 404)
     _problem(http.post(f"{base}/v1/jobs?priority=urgent", json=JOB, timeout=5), 422)
     assert queued(redis_url) == 0

@@ -60,6 +60,9 @@ INVALID: list[tuple[Any, Any, dict[str, Any], str]] = [
     (GOOD_URL, "q", {"generation": {"min_new_tokens": 50, "max_new_tokens": 10}}, "min_new_tokens"),
     (GOOD_URL, "q", {"generation": ["not", "a", "mapping"]}, "generation"),
     (GOOD_URL, "q", {"idempotency_key": "k" * 257}, "idempotency_key"),
+    (GOOD_URL, "q", {"image_grid": "huge"}, "image_grid: Value error, image grid must be 'full' or RxC"),
+    (GOOD_URL, "q", {"image_grid": "0x2"}, "image grid must be 'full' or RxC"),
+    (GOOD_URL, "q", {"image_grid": 2}, "image_grid"),
 ]
 
 
@@ -162,6 +165,7 @@ def cli(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., A
         (["--image", "file:///etc/passwd", "--question", "x"], "scheme"),
         (["--image", GOOD_URL, "--question", "x", "--max-new-tokens", "5000"], "max_new_tokens"),
         (["--image", GOOD_URL, "--question", "   "], "blank"),
+        (["--image", GOOD_URL, "--question", "x", "--image-grid", "2by1"], "image grid must be 'full' or RxC"),
         (["--image", "http://" + "a" * 3000 + ".example/x.png", "--question", "x"], str(MAX_URL_LENGTH)),
     ],
 )

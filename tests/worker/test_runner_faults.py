@@ -31,7 +31,7 @@ class FakeModel:
         self.never_fits = never_fits
         self.calls: list[int] = []
 
-    def prepare(self, image: Any, question: str) -> str:
+    def prepare(self, image: Any, question: str, *, image_grid: str | None = None) -> str:
         return question
 
     def cost(self, inputs: str) -> int:

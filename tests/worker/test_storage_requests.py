@@ -103,7 +103,7 @@ def test_a_success_deletes_when_the_marks_cannot_be_read(settings: Settings, job
 class _Engine:
     name, quantization = "stand-in", "none"
 
-    def prepare(self, image: Any, question: str) -> tuple[int, int]:
+    def prepare(self, image: Any, question: str, *, image_grid: str | None = None) -> tuple[int, int]:
         return image.size
 
     def cost(self, inputs: Any) -> int:

@@ -21,7 +21,7 @@ class _Engine:
         self.fits = fits
         self.batches: list[int] = []
 
-    def prepare(self, image: Any, question: str) -> Any:
+    def prepare(self, image: Any, question: str, *, image_grid: str | None = None) -> Any:
         return (image.size, question)
 
     def cost(self, inputs: Any) -> int:

@@ -107,3 +107,12 @@ def test_a_runs_deadline_goes_on_every_job(builder: LineJobs, seen: SeenIds) -> 
     timed = LineJobs(builder.client, bulk_id="run-1", questions=("q?",), deadline=deadline)
     (job,) = timed.build(Row(1, {"custom_id": "a", "image_url": "https://x/a.jpg"}), seen)
     assert job.deadline == deadline
+
+
+def test_a_line_may_ask_for_less_image_detail(builder: LineJobs, seen: SeenIds) -> None:
+    [job] = builder.build(Row(1, {"custom_id": "a", "image_url": "https://x/a.jpg", "image_grid": "2X1"}), seen)
+    assert job.image_grid == "2x1"
+    with pytest.raises(InvalidJob, match="image grid must be 'full' or RxC"):
+        builder.build(Row(2, {"custom_id": "b", "image_url": "https://x/b.jpg", "image_grid": "tiny"}), seen)
+    with pytest.raises(InvalidJob, match="image_grid: must be a string"):
+        builder.build(Row(3, {"custom_id": "c", "image_url": "https://x/c.jpg", "image_grid": 2}), seen)
