@@ -26,6 +26,7 @@ from typing import Any
 
 from bench.e2e import burst, enqueue_rates, memory_run, open_loop
 from bench.model import QUESTION, direct_throughput, load_images, padding_run, write_workloads
+from bench.grid import grid_markdown, image_grid_rows
 from bench.prefix import interleaved_sharing, prefix_sharing
 from bench.report import markdown, plot, targets
 from bench.stack import stack
@@ -51,6 +52,7 @@ class Profile:
     memory_batch: int
     memory_new_tokens: int
     prefix_images: int = 4  # images for the shared-prefix section, each asked 1, 2, 3 and 5 questions
+    grid_images: int = 16  # images for the image-grid section, at each grid (bench/grid.py)
     target_rounds: int = 1  # rounds of direct / end-to-end / 100 ms at the targets' batch size; the median is reported
     quantization: str = "none"
 
@@ -63,9 +65,9 @@ PROFILES = {
     # Seconds, not minutes: the harness's own test. Figures from it mean nothing.
     "tiny": Profile(model_size="tiny", batch_sizes=(4,), jobs_min=12, jobs_per_batch=3, new_tokens=4,
                     latency_batch=4, latency_s=2, padding_jobs=8, padding_batch=4, padding_e2e=False,
-                    enqueue_jobs=200, memory_jobs=40, memory_batch=4, memory_new_tokens=4, prefix_images=2),
+                    enqueue_jobs=200, memory_jobs=40, memory_batch=4, memory_new_tokens=4, prefix_images=2, grid_images=4),
 }
-SECTIONS = ("enqueue", "throughput", "latency", "padding", "prefix", "memory")
+SECTIONS = ("enqueue", "throughput", "latency", "padding", "prefix", "grid", "memory")
 PREFIX_QUESTIONS_PER_IMAGE = (1, 2, 3, 5)
 _PADDING_LINE = re.compile(r"padding: (\d+) real / (\d+) padded prompt tokens")
 
@@ -98,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "results.md").write_text(markdown(result))
     drew = plot(result, args.out / "results.png")
+    if "grid" in result:
+        # A section of its own folder: docs/benchmarks/grid/ beside the main results.
+        grid = {"meta": result["meta"], "grid": result["grid"]}
+        (args.out / "grid").mkdir(exist_ok=True)
+        (args.out / "grid" / "results.json").write_text(json.dumps(grid, indent=2) + "\n")
+        (args.out / "grid" / "results.md").write_text(grid_markdown(grid))
+        print(grid_markdown(grid))
     print(markdown(result))
     print(f"wrote {args.out}/results.json, results.md" + (", results.png" if drew else " (no plot: pip install matplotlib)"))
     return 0
@@ -197,6 +206,11 @@ def run(profile: Profile, *, name: str, command: str, sections: set[str]) -> dic
                 result["prefix_interleaved"] = interleaved_sharing(
                     st, st.env(model=model_dir, quantization=q, VQA_MAX_BATCH_SIZE=str(pb), VQA_MAX_NEW_TOKENS=str(profile.new_tokens)),
                     loads["uniform"].files[: profile.prefix_images], per_image=PREFIX_QUESTIONS_PER_IMAGE, generation=gen, tag=f"{tag}-pfx")
+            if "grid" in sections:
+                say(f"image grids: {profile.grid_images} images at each of full, 2x2, 2x1, 1x1")
+                grid_images = uniform_images[: profile.grid_images]
+                result["meta"]["image_size"] = "x".join(str(side) for side in grid_images[0].size)
+                result["grid"] = image_grid_rows(model, grid_images, batch=min(8, len(grid_images)), generation=gen)
             if "memory" not in sections:
                 return _finish(result, profile, started, load, torch, transformers)
             say(f"memory: {profile.memory_jobs} jobs on the tiny model")
