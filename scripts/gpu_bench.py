@@ -9,7 +9,8 @@ checkpoint is downloaded; ``nf4`` replaces every linear layer but ``lm_head`` wi
 bitsandbytes ``Linear4bit``, as ``from_pretrained(load_in_4bit=True)`` does. For each variant
 (dtype x attention kernel) it measures images/s, prompt tokens/s (prefill) and generated
 tokens/s (decode) at batch sizes 1, 2, 4, ... until out of memory, plus the model card's
-one-image-at-a-time loop as the baseline, all in one run. Every answer is forced to the
+one-image-at-a-time loop as the baseline, all in one run; ``--image-grid full,2x2,2x1,1x1``
+repeats each variant's sweep at each image-detail setting (fewer tiles, fewer image tokens). Every answer is forced to the
 same length (min_new_tokens = max_new_tokens) so random weights cannot stop early.
 
 The prompt is the model card's; without the Vicuna tokenizer its text part is stood in for by
@@ -33,6 +34,8 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
+from producer.image_grid import limit_pinpoints, parse_grid
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"7b": ROOT / "bench/llava-v1.6-vicuna-7b-config.json", "small": ROOT / "bench/llava-next-small-config.json"}
 
@@ -49,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", default="640x480", help="WxH of the picture (anyres grid and token count follow)")
     parser.add_argument("--repeats", type=int, default=2, help="timed batches per point (after one warm-up)")
     parser.add_argument("--baseline-images", type=int, default=8, help="images through the card's one-at-a-time loop")
+    parser.add_argument("--image-grid", default="full", help="comma-separated detail settings, e.g. full,2x2,2x1,1x1 "
+                        "(VQA_IMAGE_GRID / a job's image_grid): each variant is swept at each")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/benchmarks/gpu", help="gpu_results.{json,md} go here")
     args = parser.parse_args(argv)
 
@@ -68,17 +73,23 @@ def main(argv: list[str] | None = None) -> int:
             entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
             result["variants"].append(entry)
             continue
-        prompt = _prompt(model, processor, image, text_tokens=args.text_tokens)
-        entry.update(build_s=round(build_s, 1), weights_gib=round(_weights_bytes(model) / 2**30, 2), prompt_tokens=prompt["tokens"],
-                     image_tiles=prompt["tiles"])
-        if not baseline_done and not dtype_name.startswith("nf4"):
-            # The model card: fp16, one image at a time, preprocessing inside the loop.
-            result["baseline"] = {"dtype": dtype_name, "attention": attn,
-                                  **card_loop(model, processor, image, prompt, images=args.baseline_images, new_tokens=args.max_new_tokens)}
-            baseline_done = True
-        entry["batches"] = sweep(model, prompt, batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
-                                 new_tokens=args.max_new_tokens, repeats=args.repeats)
-        result["variants"].append(entry)
+        entry.update(build_s=round(build_s, 1), weights_gib=round(_weights_bytes(model) / 2**30, 2))
+        checkpoint = [list(point) for point in model.config.image_grid_pinpoints]
+        for grid in args.image_grid.split(","):
+            # As the worker does (worker/model.py): the processor and the model config take the same pinpoints.
+            pinpoints = limit_pinpoints(checkpoint, model.config.vision_config.image_size, parse_grid(grid))
+            model.config.image_grid_pinpoints = processor.image_grid_pinpoints = pinpoints
+            prompt = _prompt(model, processor, image, text_tokens=args.text_tokens)
+            at_grid = {**entry, "image_grid": grid, "prompt_tokens": prompt["tokens"], "image_tiles": prompt["tiles"],
+                       "image_tokens": image_token_count(model.config, image.height, image.width)}
+            if not baseline_done and not dtype_name.startswith("nf4"):
+                # The model card: fp16, one image at a time, preprocessing inside the loop, its own full grid.
+                result["baseline"] = {"dtype": dtype_name, "attention": attn, "image_grid": grid,
+                                      **card_loop(model, processor, image, prompt, images=args.baseline_images, new_tokens=args.max_new_tokens)}
+                baseline_done = True
+            at_grid["batches"] = sweep(model, prompt, batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
+                                       new_tokens=args.max_new_tokens, repeats=args.repeats)
+            result["variants"].append(at_grid)
         del model
         _free(device)
     result["meta"]["duration_s"] = round(time.monotonic() - START, 1)
@@ -308,18 +319,19 @@ def markdown(result: dict[str, Any]) -> str:
     if base:
         lines += [f"Model card loop (one image at a time, {base['dtype']}, {base['attention']}): **{base['images_per_s']} images/s**, "
                   f"{base['generated_tokens_per_s']} generated tokens/s.", ""]
-    lines += ["| dtype | attention | batch | images/s | x card | prompt tok/s | generated tok/s | prefill ms | peak GiB |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| dtype | attention | grid | image tokens | batch | images/s | x card | prompt tok/s | generated tok/s | prefill ms | peak GiB |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for v in result["variants"]:
         if "error" in v:
-            lines.append(f"| {v['dtype']} | {v['attention']} | - | {v['error']} | | | | | |")
+            lines.append(f"| {v['dtype']} | {v['attention']} | | | - | {v['error']} | | | | | |")
             continue
+        where = f"| {v['dtype']} | {v['attention']} | {v.get('image_grid', 'full')} | {v.get('image_tokens', '')} "
         for row in v["batches"]:
             if row.get("oom"):
-                lines.append(f"| {v['dtype']} | {v['attention']} | {row['batch_size']} | out of memory | | | | | |")
+                lines.append(f"{where}| {row['batch_size']} | out of memory | | | | | |")
                 continue
             speedup = round(row["images_per_s"] / base["images_per_s"], 2) if base else ""
-            lines.append(f"| {v['dtype']} | {v['attention']} | {row['batch_size']} | {row['images_per_s']} | {speedup} "
+            lines.append(f"{where}| {row['batch_size']} | {row['images_per_s']} | {speedup} "
                          f"| {row['prompt_tokens_per_s']} | {row['generated_tokens_per_s']} | {row['prefill_ms']} | {row.get('peak_memory_gib', '')} |")
     return "\n".join(lines) + "\n"
 

@@ -58,6 +58,11 @@ def test_bench_tiny_profile_measures_every_section(tmp_path: Path) -> None:
     assert prefix[3]["prompt_tokens_per_question_with"] < prefix[3]["prompt_tokens_per_question_without"] / 2
     assert all(row["agreement_rate"] == 1.0 for row in prefix.values())
 
+    grid = {row["image_grid"]: row for row in json.loads((tmp_path / "grid" / "results.json").read_text())["grid"]}
+    assert sorted(grid) == ["1x1", "2x1", "2x2", "full"]
+    assert grid["1x1"]["image_tokens_per_image"] < grid["full"]["image_tokens_per_image"]
+    assert (tmp_path / "grid" / "results.md").read_text().startswith("# Image detail")
+
     enqueue = result["enqueue"]
     assert enqueue["submit_many"]["jobs_per_s"] > enqueue["send_task_loop"]["jobs_per_s"]
 
@@ -96,7 +101,7 @@ def test_bench_webhooks_tiny_profile(tmp_path: Path) -> None:
 
 def test_gpu_bench_small_config_on_cpu(tmp_path: Path) -> None:
     _run([str(SCRIPTS / "gpu_bench.py"), "--config", "small", "--device", "cpu", "--out", str(tmp_path), "--batch-sizes", "1,2",
-          "--max-new-tokens", "4", "--repeats", "1", "--baseline-images", "2"], timeout=180)
+          "--max-new-tokens", "4", "--repeats", "1", "--baseline-images", "2", "--image-grid", "full,1x1"], timeout=240)
     result = json.loads((tmp_path / "gpu_results.json").read_text())
     meta = result["meta"]
     # What a later GPU run must record to be committed as is.
@@ -104,12 +109,15 @@ def test_gpu_bench_small_config_on_cpu(tmp_path: Path) -> None:
     assert {"torch", "transformers", "bitsandbytes", "cuda", "flash_attn"} <= set(meta["versions"])
     assert meta["config"] == "bench/llava-next-small-config.json"
     assert result["baseline"]["images_per_s"] > 0
-    assert [(v["dtype"], v["attention"]) for v in result["variants"]] == [("fp32", "sdpa"), ("nf4", "sdpa")]
+    assert [(v["dtype"], v["attention"], v["image_grid"]) for v in result["variants"]] == [
+        ("fp32", "sdpa", "full"), ("fp32", "sdpa", "1x1"), ("nf4", "sdpa", "full"), ("nf4", "sdpa", "1x1")]
+    # Less detail, fewer image tokens (the 640x480 picture takes a 2-tile grid at full).
+    assert result["variants"][1]["image_tokens"] < result["variants"][0]["image_tokens"]
     for variant in result["variants"]:
         assert [row["batch_size"] for row in variant["batches"]] == [1, 2]
         for row in variant["batches"]:
             assert row["images_per_s"] > 0 and row["prompt_tokens_per_s"] > 0 and row["generated_tokens_per_s"] > 0
-    assert "| nf4 | sdpa | 2 |" in (tmp_path / "gpu_results.md").read_text()
+    assert "| nf4 | sdpa | 1x1 |" in (tmp_path / "gpu_results.md").read_text()
 
 
 def test_gpu_bench_counts_image_tokens_like_the_processor(tiny_model_dir: Path) -> None:
