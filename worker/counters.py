@@ -28,15 +28,20 @@ log = logging.getLogger(__name__)
 
 COUNTER_TTL_S = 7 * 24 * 3600
 
-# KEYS: per job its deliveries key then its executions key. ARGV[1]: max deliveries, ARGV[2]:
-# TTL, ARGV[2 + i]: "1" when job i's delivery is to be counted (its first time in a model on
-# this delivery). A job whose count passes the limit is poison: it does not run, so its run
-# is not counted. Returns per job {deliveries (-1 when not counted), executions (0 when poison)}.
+# KEYS: per job its deliveries key then its executions key, then the deliveries keys of jobs
+# the model came back from since the last count (survivors). ARGV[1]: max deliveries, ARGV[2]:
+# TTL, ARGV[3]: the number of jobs n, ARGV[3 + i]: "1" when job i's delivery is to be counted
+# (its first time in a model on this delivery). Survivors' counts are deleted first, in the same
+# round trip: the model came back from them, so a crash in this run is not theirs. A job whose
+# count passes the limit is poison: it does not run, so its run is not counted. Returns per job
+# {deliveries (-1 when not counted), executions (0 when poison)}.
 _COUNT_RUN = """
+local n = tonumber(ARGV[3])
+for i = 2 * n + 1, #KEYS do redis.call('DEL', KEYS[i]) end
 local out = {}
-for i = 1, #KEYS / 2 do
+for i = 1, n do
   local deliveries, executions = -1, 0
-  if ARGV[2 + i] == '1' then
+  if ARGV[3 + i] == '1' then
     deliveries = redis.call('INCR', KEYS[2 * i - 1])
     redis.call('EXPIRE', KEYS[2 * i - 1], ARGV[2])
   end
@@ -73,14 +78,21 @@ class JobCounters:
         self.client = client
         self._count_run = client.register_script(_COUNT_RUN)
 
-    def count_run(self, job_ids: Sequence[str], *, count_delivery: Sequence[bool], max_deliveries: int) -> list[RunCount]:
-        """Count each job's delivery (where asked) and its model run, in one round trip; poison jobs are not run."""
+    def count_run(
+        self, job_ids: Sequence[str], *, count_delivery: Sequence[bool], max_deliveries: int, survivors: Sequence[str] = ()
+    ) -> list[RunCount]:
+        """Count each job's delivery (where asked) and its model run, in one round trip; poison jobs are not run.
+
+        ``survivors``: jobs the model came back from since the last call, whose delivery counts
+        start over before this run (see :meth:`survived`, which the writer thread calls later).
+        """
         if not job_ids:
             return []
         script_keys = [key for job_id in job_ids for key in (keys.deliveries_key(job_id), keys.executions_key(job_id))]
+        script_keys += [keys.deliveries_key(job_id) for job_id in survivors]
         flags = ["1" if flag else "0" for flag in count_delivery]
         try:
-            replies = self._count_run(keys=script_keys, args=[max_deliveries, COUNTER_TTL_S, *flags])
+            replies = self._count_run(keys=script_keys, args=[max_deliveries, COUNTER_TTL_S, len(job_ids), *flags])
         except redis.RedisError as exc:
             log.warning("cannot count deliveries and executions (%s); skipped for this batch", type(exc).__name__)
             return [RunCount(deliveries=1 if flag else None, executions=1) for flag in count_delivery]

@@ -111,6 +111,7 @@ class BatchRunner:
         self.stopping = stopping
         self.hooks = hooks or Hooks()
         self.stats = BatchStats()
+        self._survivors: list[str] = []  # model thread only: came back from the model, counts not yet reset
         self._sleep = sleep
         # STARTED states go to the result backend off the model thread (with `appendfsync always`
         # each write waits for a disk flush: ~5% of the model's time when it waited for them).
@@ -150,7 +151,13 @@ class BatchRunner:
             [pending.job.job_id for pending in group],
             count_delivery=[pending.deliveries == 0 for pending in group],
             max_deliveries=self.settings.max_deliveries,
+            # The model came back from these since the last run: their counts start over now, in
+            # this round trip, not only once the writer has stored their records. Otherwise a job
+            # run alone before a poison job (in this batch or the next) would die with it uncleared
+            # and be charged with its crash.
+            survivors=self._survivors,
         )
+        self._survivors = []
         runs: list[tuple[Pending, int]] = []
         for pending, count in zip(group, counts, strict=True):
             if count.deliveries is not None:
@@ -180,6 +187,7 @@ class BatchRunner:
         elapsed = time.monotonic() - started
         self.stats.slowest_batch_s = max(self.stats.slowest_batch_s, elapsed)
         finishing.survived.extend(pending.job.job_id for pending, _ in runs)
+        self._survivors.extend(pending.job.job_id for pending, _ in runs)
         prepared = [pending.prepared or Prepared() for pending, _ in runs]
         costs = [item.cost for item in prepared]
         finishing.reports.append(

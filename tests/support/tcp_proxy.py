@@ -25,6 +25,7 @@ class PartitionProxy:
         self._closed = threading.Event()
         self._listener = socket.create_server(("127.0.0.1", self.port))
         self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()  # stop() and a connection accepted meanwhile: every socket is closed once
 
     def start(self) -> PartitionProxy:
         threading.Thread(target=self._accept, daemon=True).start()
@@ -37,10 +38,11 @@ class PartitionProxy:
         self._flowing.set()
 
     def stop(self) -> None:
-        self._closed.set()
-        self._flowing.set()
-        for sock in [self._listener, *self._sockets]:
-            sock.close()
+        with self._lock:
+            self._closed.set()
+            self._flowing.set()
+            for sock in [self._listener, *self._sockets]:
+                sock.close()
 
     def _accept(self) -> None:
         while not self._closed.is_set():
@@ -49,12 +51,20 @@ class PartitionProxy:
             except OSError:
                 return
             self._flowing.wait()  # a partition refuses nothing; the connection just waits
+            if self._closed.is_set():
+                client.close()
+                return
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
             except OSError:  # upstream gone (a killed Redis): the client sees its connection closed
                 client.close()
                 continue
-            self._sockets += [client, upstream]
+            with self._lock:
+                if self._closed.is_set():  # stopped while connecting: nobody else would close these
+                    client.close()
+                    upstream.close()
+                    return
+                self._sockets += [client, upstream]
             threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
 

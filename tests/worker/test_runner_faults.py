@@ -182,6 +182,28 @@ def test_redelivered_jobs_run_alone_and_poison_is_quarantined(counters: redis.Re
     assert counters.get(keys.deliveries_key("job-1")) is None and counters.get(keys.deliveries_key("job-2")) is None
 
 
+def test_a_job_the_model_came_back_from_is_not_charged_with_the_next_runs_crash(counters: redis.Redis) -> None:
+    """Its delivery count starts over before the next group runs, not only once the writer stored its record.
+
+    Two suspects in one batch run alone, one after the other: if the second kills the worker
+    (a poison job), the first, already answered but not yet stored, must not carry that crash.
+    """
+    at_second_run: dict[str, Any] = {}
+
+    class Watching(FakeModel):
+        def generate_batch(self, inputs: list[str], generation: GenerationSettings) -> list[Answer]:
+            if inputs == ["question 0?"]:
+                at_second_run["job-1"] = counters.get(keys.deliveries_key("job-1"))
+            return super().generate_batch(inputs, generation)
+
+    runner = make_runner(counters, model=Watching(), max_deliveries=3)
+    counters.set(keys.deliveries_key("job-0"), 1)
+    counters.set(keys.deliveries_key("job-1"), 1)
+    runner.infer([pending(job(1), counters=counters), pending(job(0), counters=counters)])  # the model's part only
+    assert at_second_run == {"job-1": None}
+    assert counters.get(keys.deliveries_key("job-0")) == b"2"  # the last run's own count stays until it is stored
+
+
 def test_crash_hook_exits_the_process(counters: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     exits: list[int] = []
 
