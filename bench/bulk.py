@@ -12,7 +12,6 @@ what each section does; docs/benchmarks/README.md says what the figures mean.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import bulk_sections
-from bench.stack import run_meta, sample_workdir, stack
+from bench.stack import run_meta, sample_workdir, stack, write_report
 
 SECTIONS = ("memory", "publish", "collect", "kill")
 
@@ -57,11 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = PROFILES[args.profile]
     command = " ".join(shlex.quote(part) for part in [sys.executable.replace(os.getcwd() + "/", ""), "-m", "bench.bulk", *sys.argv[1:]])
     result = run(profile, name=args.profile, command=command, sections=sections)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bulk.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "bulk.md").write_text(markdown(result))
-    print(markdown(result))
-    print(f"wrote {args.out}/bulk.json, bulk.md")
+    write_report(args.out, "bulk", result, markdown)
     return 0
 
 

@@ -36,7 +36,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.stack import Stack, run_meta, sample_workdir, stack
+from bench.stack import Stack, run_meta, sample_workdir, stack, write_report
 from producer.client import VQAClient
 from producer.errors import BackendUnavailable
 from tests.support.tcp_proxy import PartitionProxy
@@ -91,11 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = " ".join(shlex.quote(part) for part in ["python", "-m", "bench.failover", *(argv if argv is not None else sys.argv[1:])])
     result = run(rounds=args.rounds, stall_ms=args.stall_ms, command=command)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "failover.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "failover.md").write_text(markdown(result))
-    print(markdown(result))
-    print(f"wrote {args.out}/failover.json, failover.md")
+    write_report(args.out, "failover", result, markdown)
     return 0
 
 

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -204,6 +204,16 @@ def stack(image_dir: Path, *, delays: tuple[float, ...] = (0.0, 0.1)) -> Iterato
         redis_server.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
 
+
+
+def write_report(out: Path, name: str, result: dict[str, Any], markdown: Callable[[dict[str, Any]], str]) -> None:
+    """Write ``out/name.json`` and ``out/name.md``, print the Markdown and where both went."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(result)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(text)
+    print(text)
+    print(f"wrote {out}/{name}.json, {name}.md")
 
 
 def run_meta(profile: str, command: str) -> dict[str, Any]:

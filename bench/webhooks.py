@@ -19,7 +19,6 @@ Two sections, one run, one private redis-server and S3 API server:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -35,7 +34,7 @@ from typing import Any
 
 import redis
 
-from bench.stack import cpu_seconds, run_meta, sample_workdir, stack
+from bench.stack import cpu_seconds, run_meta, sample_workdir, stack, write_report
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -65,11 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = " ".join(shlex.quote(part) for part in ["python", "-m", "bench.webhooks", *(argv if argv is not None else sys.argv[1:])])
     result = run(PROFILES[args.profile], name=args.profile, command=command)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "webhooks.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "webhooks.md").write_text(markdown(result))
-    print(markdown(result))
-    print(f"wrote {args.out}/webhooks.json, webhooks.md")
+    write_report(args.out, "webhooks", result, markdown)
     return 0
 
 
