@@ -74,9 +74,10 @@ class Settings(BaseSettings):
     # and the model config together. Fewer image tokens per image; OCR and fine detail suffer first.
     image_grid: str = FULL
     # Decode a photo no larger than the model will use (worker/prescale.py): JPEGs at 1/2, 1/4 or
-    # 1/8 scale, then one resize to the processor's target grid, so it never resizes a 12-megapixel
-    # array. Pixels change slightly and so, measured, do some greedy answers: off by default
-    # (docs/benchmarks/prescale/). Token counts and tile grids are the full path's.
+    # 1/8 scale, then one resize to the processor's target on the job's own grid (its image_grid
+    # within this worker's), so it never resizes a 12-megapixel array. Pixels change slightly and
+    # so, measured, do some greedy answers: off by default (docs/benchmarks/prescale/). Token
+    # counts and tile grids are the full path's.
     image_prescale: bool = False
     # The default answer-length cap for jobs; a job may not ask for more than the schema allows.
     max_new_tokens: int = Field(default=100, ge=1, le=MAX_NEW_TOKENS_LIMIT)

@@ -238,7 +238,11 @@ class VQAModel:
         return processor
 
     def prescaler(self) -> Prescaler:
-        """This processor's geometry for ``VQA_IMAGE_PRESCALE``: decode images no larger than it will use."""
+        """This processor's geometry for ``VQA_IMAGE_PRESCALE``: decode images no larger than it will use.
+
+        On the worker's pinpoints (after ``VQA_IMAGE_GRID``); the fetch stage narrows it to each
+        job's own ``image_grid`` (``Prescaler.for_grid``), the pinpoints ``prepare_image`` uses.
+        """
         image_processor = self.processor.image_processor
         return Prescaler(
             pinpoints=tuple(tuple(point) for point in image_processor.image_grid_pinpoints),

@@ -89,7 +89,7 @@ class JobPreparer:
         if self.images is not None:
             return self._prepare_shared(job, earlier=earlier)
         start = time.perf_counter()
-        image = fetch_image(job.image_url, self.policy, s3_client=self.s3_client)
+        image = fetch_image(job.image_url, self.policy, s3_client=self.s3_client, image_grid=job.image_grid)
         fetched = time.perf_counter()
         inputs = self.engine.prepare(image, job.question, image_grid=job.image_grid)
         return Prepared(
@@ -108,7 +108,7 @@ class JobPreparer:
 
         def load() -> Any:
             start = time.perf_counter()
-            image = fetch_image(job.image_url, self.policy, s3_client=self.s3_client)
+            image = fetch_image(job.image_url, self.policy, s3_client=self.s3_client, image_grid=job.image_grid)
             timings["fetch"] = time.perf_counter() - start
             if not split:
                 return image
@@ -118,8 +118,9 @@ class JobPreparer:
             return part
 
         start = time.perf_counter()
-        # Preprocessed tiles depend on the job's grid: only jobs of one grid share them.
-        key = (job.image_url, job.image_grid) if split else job.image_url
+        # Preprocessed tiles, and a prescaled decode (VQA_IMAGE_PRESCALE), depend on the job's
+        # grid: only jobs of one grid share them.
+        key = (job.image_url, job.image_grid) if split or self.policy.prescale is not None else job.image_url
         shared, loaded = self.images.get(key, load)
         # A job that shared the image reports its wait as its fetch, and no image preprocessing.
         got = time.perf_counter()

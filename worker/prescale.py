@@ -8,6 +8,9 @@ the smallest of Pillow's 1/2, 1/4, 1/8 decode scales that is still at least that
 original to. The processor's own resize is then a copy, and its tile grid, its token count
 and the model's unpadding are those of the full-resolution path: an image for which rounding
 would change any of them (or one the processor would enlarge) is decoded in full, as before.
+A job asking for less detail (its ``image_grid``) is prescaled for the grid it runs with
+(:meth:`Prescaler.for_grid`), so a ``1x1`` job's photo is decoded to its 1x1 fit, not the
+worker's full grid's.
 
 Pixels change slightly (a decode at reduced scale, one resize from a smaller image), so greedy
 answers can change: docs/benchmarks/prescale/ has the measured rate, and the setting stays off
@@ -19,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from producer.image_grid import GridLimit, limit_pinpoints
+from producer.image_grid import limit_pinpoints, parse_grid
 
 Size = tuple[int, int]  # (height, width), as the processor counts them
 
@@ -30,36 +33,47 @@ class Prescaler:
 
     ``pinpoints`` are the worker's ([height, width] pairs, after ``VQA_IMAGE_GRID``); ``side``
     the tile side, ``patch`` the vision tower's patch size, ``resample`` the processor's Pillow
-    filter. The fit is checked against every grid a job could narrow these pinpoints to, so a
-    job asking for less detail also gets the full path's grid and token count.
+    filter. :meth:`target` is for a job that runs on these pinpoints; :meth:`for_grid` gives the
+    geometry of a job asking for less detail.
     """
 
     pinpoints: tuple[Size, ...]
     side: int
     patch: int
     resample: int
-    _grids: tuple[tuple[Size, ...], ...] = field(init=False, repr=False, compare=False)
+    _narrowed: dict[str, Prescaler] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         points = tuple((int(h), int(w)) for h, w in self.pinpoints)
         if not points or self.side < 1 or self.patch < 1:
             raise ValueError("a prescaler needs pinpoints, a tile side and a patch size")
         object.__setattr__(self, "pinpoints", points)
-        most = max(max(h, w) for h, w in points) // self.side
-        grids = {tuple(map(tuple, limit_pinpoints([list(p) for p in points], self.side, GridLimit(r, c))))
-                 for r in range(1, most + 1) for c in range(1, most + 1)}
-        grids.add(points)
-        object.__setattr__(self, "_grids", tuple(sorted(grids)))  # type: ignore[arg-type]
+        object.__setattr__(self, "_narrowed", {})
+
+    def for_grid(self, image_grid: str | None) -> Prescaler:
+        """The geometry for a job asking for ``image_grid`` (``full``/``RxC``; None: the worker's own).
+
+        The worker's pinpoints within the job's limit: the pinpoints the processor uses for the
+        job (its effective grid, the job's request within ``VQA_IMAGE_GRID``), as narrowing the
+        checkpoint's pinpoints by both limits at once keeps the same ones.
+        """
+        if image_grid is None:
+            return self
+        found = self._narrowed.get(image_grid)
+        if found is None:
+            points = limit_pinpoints([list(p) for p in self.pinpoints], self.side, parse_grid(image_grid))
+            found = Prescaler(pinpoints=tuple((h, w) for h, w in points), side=self.side, patch=self.patch, resample=self.resample)
+            self._narrowed[image_grid] = found  # fetch threads racing here build equal values: no lock needed
+        return found
 
     def target(self, width: int, height: int) -> tuple[int, int] | None:
         """The (width, height) to decode an upright ``width`` x ``height`` image to, or None to decode it in full."""
-        fit = fit_size((height, width), best_resolution((height, width), self.pinpoints))
+        best = best_resolution((height, width), self.pinpoints)
+        fit = fit_size((height, width), best)
         if fit[0] >= height or fit[1] >= width:
             return None  # the processor keeps or enlarges it: nothing to save
-        for grid in self._grids:
-            best = best_resolution((height, width), grid)
-            if best_resolution(fit, grid) != best or self._unpadded(fit, best) != self._unpadded((height, width), best):
-                return None  # rounding would change the grid or the token count: keep the full path
+        if best_resolution(fit, self.pinpoints) != best or self._unpadded(fit, best) != self._unpadded((height, width), best):
+            return None  # rounding would change the grid or the token count: keep the full path
         return fit[1], fit[0]
 
     def _unpadded(self, size: Size, best: Size) -> Size:

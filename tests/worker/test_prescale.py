@@ -13,10 +13,14 @@ from pydantic import ValidationError
 
 from bench.prescale import photo, seven_b_prescaler
 from producer.errors import ImageRejected
-from producer.image_grid import limit_pinpoints, parse_grid
+from producer.image_grid import effective_grid, limit_pinpoints, parse_grid
+from producer.schema import GenerationSettings, Job, utcnow
 from producer.settings import Settings
 from tests.support.image_bytes import encode, png_header_bomb
+from worker.counters import JobHistory
 from worker.fetch.images import FetchPolicy, decode_image
+from worker.imageshare import SharedImages
+from worker.preparing import JobPreparer
 from worker.prescale import Prescaler
 
 pytestmark = pytest.mark.timeout(120)
@@ -48,25 +52,27 @@ def _encoded(size: tuple[int, int], seed: int) -> bytes:
     return photo(*size, seed=seed)
 
 
+@pytest.mark.parametrize("grid", [None, "2x1", "1x1"])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_prescaled_prompt_has_the_full_paths_tokens_and_tiles(model: Any, size: tuple[int, int]) -> None:
+def test_prescaled_prompt_has_the_full_paths_tokens_and_tiles(model: Any, size: tuple[int, int], grid: str | None) -> None:
     data = _encoded(size, seed=sum(size))
-    prescaled = decode_image(data, FetchPolicy(prescale=model.prescaler()))
-    full, small = model.prepare(decode_image(data, FULL), "What is it?"), model.prepare(prescaled, "What is it?")
+    prescaled = decode_image(data, FetchPolicy(prescale=model.prescaler()), image_grid=grid)
+    full = model.prepare(decode_image(data, FULL), "What is it?", image_grid=grid)
+    small = model.prepare(prescaled, "What is it?", image_grid=grid)
     assert small.input_ids.tolist() == full.input_ids.tolist()
     assert small.pixel_values.shape == full.pixel_values.shape
-    target = model.prescaler().target(*size)
+    target = model.prescaler().for_grid(grid).target(*size)
     assert prescaled.size == (target or size)  # None: rounding would change the grid or tokens, so decoded in full
-    if size in EVEN:  # the tiny model's largest pinpoint is 96 pixels
-        assert target is not None and max(target) <= 96
+    if size in EVEN:  # the tiny model's largest pinpoint is 96 pixels, its tile 32
+        assert target is not None and max(target) <= (32 if grid == "1x1" else 96)
 
 
 @pytest.mark.parametrize("grid", ["full", "2x2", "2x1", "1x2", "1x1"])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_seven_b_geometry_keeps_grid_and_tokens_for_every_grid_a_job_can_ask(seven_b_processor: Any, size: tuple[int, int], grid: str) -> None:
     data = _encoded(size, seed=1)
-    prescaled = decode_image(data, FetchPolicy(prescale=seven_b_prescaler()))
-    # A job narrowing the grid gets the image prescaled for the worker's full grid.
+    # A job narrowing the grid gets the image prescaled for the grid it runs with.
+    prescaled = decode_image(data, FetchPolicy(prescale=seven_b_prescaler()), image_grid=grid)
     image_processor = seven_b_processor.image_processor
     full_points = image_processor.image_grid_pinpoints
     image_processor.image_grid_pinpoints = limit_pinpoints(full_points, 336, parse_grid(grid))
@@ -78,10 +84,76 @@ def test_seven_b_geometry_keeps_grid_and_tokens_for_every_grid_a_job_can_ask(sev
         image_processor.image_grid_pinpoints = full_points
     assert small["input_ids"].shape == full["input_ids"].shape
     assert small["pixel_values"].shape == full["pixel_values"].shape
-    target = seven_b_prescaler().target(*size)
+    target = seven_b_prescaler().for_grid(grid).target(*size)
     assert prescaled.size == (target or size)
     if size in EVEN and min(size) > 1008:
-        assert target is not None and max(target) <= 1008
+        assert target is not None and max(target) <= (336 if grid == "1x1" else 1008)
+
+
+@pytest.mark.parametrize(("grid", "decoded"), [(None, (672, 504)), ("full", (672, 504)), ("1x1", (336, 252))])
+def test_a_job_asking_for_less_detail_is_prescaled_to_its_own_grid(grid: str | None, decoded: tuple[int, int]) -> None:
+    # A 4032x3024 photo on the 7B: 672x504 on its full grid, 336x252 on the one 1x1 tile (the
+    # processor's fit for that job), not the full grid's 672x504 for the processor to shrink again.
+    data = _encoded((4032, 3024), seed=9)
+    assert decode_image(data, FetchPolicy(prescale=seven_b_prescaler()), image_grid=grid).size == decoded
+
+
+@pytest.mark.parametrize("worker_grid", ["full", "2x1", "1x1"])
+def test_a_jobs_prescale_pinpoints_are_the_ones_its_processor_uses(tiny_model_dir: Path, worker_grid: str) -> None:
+    from worker.model import VQAModel
+
+    model = VQAModel.load(Settings(model=str(tiny_model_dir), quantization="none", device="cpu", image_grid=worker_grid))
+    for asked in (None, "full", "3x3", "2x2", "2x1", "1x2", "1x3", "1x1"):
+        assert model.prescaler().for_grid(asked).pinpoints == model.grid_pinpoints(effective_grid(asked, worker_grid)), asked
+
+
+class _Unrun:
+    """A job's first delivery: not cancelled, never run (no Redis, no S3 needed)."""
+
+    def reasons(self, jobs: list[Job]) -> dict[str, Any]:
+        return {}
+
+    def history(self, job_id: str) -> JobHistory:
+        return JobHistory(earlier_deliveries=0, executions=0)
+
+
+class _Sizes:
+    """An engine without an image-first split: records the size of each image it is given."""
+
+    name, quantization = "sizes", "none"
+
+    def prepare(self, image: Image.Image, question: str, *, image_grid: str | None = None) -> tuple[int, int]:
+        return image.size
+
+    def cost(self, inputs: Any) -> int:
+        return 1
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["alone", "shared"])
+@pytest.mark.parametrize("split", [True, False], ids=["image-first", "whole"])
+def test_the_fetch_stage_prescales_each_job_for_its_own_grid(
+    model: Any, monkeypatch: pytest.MonkeyPatch, shared: bool, split: bool
+) -> None:
+    data = _encoded((4032, 3024), seed=10)
+    monkeypatch.setattr("worker.fetch.images.fetch_bytes", lambda url, policy, s3_client=None: data)
+    engine = model if split else _Sizes()
+    unrun = _Unrun()
+    preparer = JobPreparer(
+        engine=engine, store=None, counters=unrun, cancels=unrun, policy=FetchPolicy(prescale=model.prescaler()),  # type: ignore[arg-type]
+        s3_client=None, images=SharedImages(max_entries=4) if shared else None,
+    )
+    sizes = {}
+    held = []  # keep each shared image for the next job, as jobs in the worker at once do
+    for grid in (None, "1x1"):
+        job = Job(job_id=f"job-{grid}", image_url="https://images.example/photo.jpg", question="What?", model="m",
+                  generation=GenerationSettings(), submitted_at=utcnow(), image_grid=grid)
+        prepared = preparer(job)
+        assert prepared.error is None
+        held.append(prepared)
+        # The image the engine got, (width, height): the model's image_sizes are (height, width).
+        sizes[grid] = tuple(reversed(prepared.inputs.image_size.tolist())) if split else prepared.inputs
+    assert sizes == {None: model.prescaler().target(4032, 3024), "1x1": model.prescaler().for_grid("1x1").target(4032, 3024)}
+    assert sizes[None] != sizes["1x1"]
 
 
 def test_draft_decodes_a_phone_photo_at_reduced_scale(monkeypatch: pytest.MonkeyPatch) -> None:

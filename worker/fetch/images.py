@@ -109,9 +109,9 @@ class FetchPolicy:
         )
 
 
-def fetch_image(url: str, policy: FetchPolicy, *, s3_client: Any = None) -> Image.Image:
-    """Fetch ``url`` and return its first frame as an upright RGB image."""
-    return decode_image(fetch_bytes(url, policy, s3_client=s3_client), policy)
+def fetch_image(url: str, policy: FetchPolicy, *, s3_client: Any = None, image_grid: str | None = None) -> Image.Image:
+    """Fetch ``url`` and return its first frame as an upright RGB image (prescaled for the job's ``image_grid``)."""
+    return decode_image(fetch_bytes(url, policy, s3_client=s3_client), policy, image_grid=image_grid)
 
 
 def fetch_bytes(url: str, policy: FetchPolicy, *, s3_client: Any = None) -> bytes:
@@ -173,8 +173,14 @@ _OTHER_MAGIC: tuple[tuple[bytes, str], ...] = (
 )
 
 
-def decode_image(data: bytes, policy: FetchPolicy) -> Image.Image:
-    """Decode ``data`` into an upright RGB image (first frame only), or raise ImageRejected."""
+def decode_image(data: bytes, policy: FetchPolicy, *, image_grid: str | None = None) -> Image.Image:
+    """Decode ``data`` into an upright RGB image (first frame only), or raise ImageRejected.
+
+    ``image_grid`` is the job's own detail request (None: the worker's ``VQA_IMAGE_GRID``): with
+    a prescaler on the policy, the image is decoded no larger than that grid will use.
+    """
+    # Outside the decode's error translation: a bad grid is the caller's error, not a corrupt image.
+    prescale = None if policy.prescale is None else policy.prescale.for_grid(image_grid)
     fmt = sniff_format(data)
     if fmt is None:
         raise ImageRejected(_not_an_image(data, policy), code="not_an_image")
@@ -183,7 +189,7 @@ def decode_image(data: bytes, policy: FetchPolicy) -> Image.Image:
             f"{fmt} images are not accepted; send one of {_format_list(policy)}", code="unsupported_format"
         )
     try:
-        return _decode(data, fmt, policy)
+        return _decode(data, fmt, policy, prescale)
     except VQAError:
         raise
     except Image.DecompressionBombError as exc:
@@ -217,7 +223,7 @@ _PILLOW_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
-def _decode(data: bytes, fmt: str, policy: FetchPolicy) -> Image.Image:
+def _decode(data: bytes, fmt: str, policy: FetchPolicy, prescale: Prescaler | None) -> Image.Image:
     # formats=[fmt]: only the plugin the magic bytes chose may parse the data.
     with Image.open(io.BytesIO(data), formats=[fmt]) as image:
         width, height = image.size
@@ -229,7 +235,7 @@ def _decode(data: bytes, fmt: str, policy: FetchPolicy) -> Image.Image:
                 f"{policy.max_pixels:,}; resize it and try again",
                 code="image_too_many_pixels",
             )
-        target = _prescale_target(image, policy.prescale)
+        target = _prescale_target(image, prescale)
         if target is not None and fmt == "JPEG":
             # The smallest of 1/2, 1/4, 1/8 that is still at least the target, in stored orientation.
             image.draft("RGB", target[::-1] if _swaps_axes(image) else target)
@@ -237,7 +243,7 @@ def _decode(data: bytes, fmt: str, policy: FetchPolicy) -> Image.Image:
         upright = ImageOps.exif_transpose(image)
     rgb = _to_rgb(upright)
     if target is not None and rgb.size != target:
-        rgb = rgb.resize(target, policy.prescale.resample)  # type: ignore[union-attr]
+        rgb = rgb.resize(target, prescale.resample)  # type: ignore[union-attr]
     return rgb
 
 
