@@ -27,6 +27,10 @@ BULK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 MAX_BULK_ID_LENGTH = 128
 MAX_CUSTOM_ID_LENGTH = 1024  # an S3 key is at most 1024 bytes, and a prefix source uses keys as ids
 
+# The job message's fields in its first format (v1). Every field added since is optional and
+# left out of a message when unset (Job's serializer), so older workers keep reading messages.
+V1_JOB_FIELDS = frozenset({"job_id", "image_url", "question", "model", "generation", "idempotency_key", "submitted_at"})
+
 # Fixed namespace so the same job gets the same id on every producer, forever.
 _JOB_NAMESPACE = uuid.UUID("3f1c2a52-8d3b-4c36-9a51-5b8c1e0d7a11")
 
@@ -95,12 +99,14 @@ class Job(BaseModel):
         return None if value is None else grid_text(parse_grid(value))  # parse_grid raises the readable error
 
     @model_serializer(mode="wrap")
-    def _drop_unset_grid(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # Absent rather than null when the job asks nothing: a worker of the previous version
-        # (extra="forbid") still accepts the messages of an upgraded producer.
+    def _drop_unset_later_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # An optional field added after the first message format is absent rather than null
+        # when unset: a worker of an earlier version (extra="forbid") refuses any key it does not
+        # know, even a null one, so it still accepts an upgraded producer's messages that use
+        # none of the newer features. A newer worker reads the absence as None.
         data = handler(self)
-        if data.get("image_grid", "") is None:
-            del data["image_grid"]
+        for name in [name for name, value in data.items() if value is None and name not in V1_JOB_FIELDS]:
+            del data[name]
         return data
 
     @field_validator("submitted_at", "deadline")
