@@ -30,7 +30,7 @@ from producer.schema import GenerationSettings
 from producer.settings import Settings
 from worker.engine import Answer
 from worker.prescale import Prescaler
-from worker.prefix import group_by_prefix, image_key, prefix_length, suffix_rows
+from worker.prefix import PrefixGroup, group_by_prefix, image_key, prefix_batch, prefix_length, suffix_rows
 
 logger = logging.getLogger(__name__)
 
@@ -314,17 +314,21 @@ class VQAModel:
 
     def _generate_rows(self, items: Sequence[ModelInputs], indices: list[int], kwargs: dict[str, Any]) -> dict[int, torch.Tensor]:
         """Each of ``items[indices]``'s new tokens, by index; jobs about one image share its prefill when sharing is on."""
+        groups: list[PrefixGroup] = []
+        alone = list(indices)
         if self.share_image_prefix:
-            groups, alone_at = group_by_prefix([self._prefix_key(items[i]) for i in indices])
-            alone = [indices[i] for i in alone_at]
-        else:
-            groups, alone = [], list(indices)
+            found, unkeyed = group_by_prefix([self._prefix_key(items[i]) for i in indices])
+            # Only worth two model calls when some image has 2+ questions; then every keyed
+            # job joins the shared call (a single question is a group of one), so the batch
+            # still runs as one generate.
+            if any(len(group.indices) > 1 for group in found):
+                groups = [PrefixGroup(tuple(indices[i] for i in group.indices), group.prefix_len) for group in found]
+                alone = [indices[i] for i in unkeyed]
         rows: dict[int, torch.Tensor] = {}
         if alone:
             rows.update(zip(alone, self._generate_padded([items[i] for i in alone], kwargs), strict=True))
-        for group in groups:
-            members = [indices[i] for i in group.indices]
-            rows.update(zip(members, self._generate_shared([items[i] for i in members], group.prefix_len, kwargs), strict=True))
+        if groups:
+            rows.update(self._generate_shared(items, groups, kwargs))
         return rows
 
     def _prefix_key(self, item: ModelInputs) -> tuple[str, tuple[int, ...]] | None:
@@ -344,49 +348,47 @@ class VQAModel:
         # With left padding every row's prompt ends at the same column: the rest is the answer.
         return list(output[:, inputs["input_ids"].shape[1] :].cpu())
 
-    def _generate_shared(self, items: Sequence[ModelInputs], prefix_len: int, kwargs: dict[str, Any]) -> list[torch.Tensor]:
-        """Prefill one image prefix once, then generate every item's question from a copy of its cache."""
-        first = items[0]
-        prefix = first.input_ids[:prefix_len]
+    def _generate_shared(self, items: Sequence[ModelInputs], groups: list[PrefixGroup], kwargs: dict[str, Any]) -> dict[int, torch.Tensor]:
+        """Prefill each group's image prefix once (one forward for all), then every question from its row of that cache."""
+        device = self.model.device
+        pad = self.processor.tokenizer.pad_token_id
+        firsts = [items[group.indices[0]] for group in groups]
+        prefix_ids, prefix_mask, position_ids = prefix_batch([item.input_ids[: group.prefix_len] for item, group in zip(firsts, groups, strict=True)], pad)
+        pixels = _stack_tiles([item.pixel_values for item in firsts])
         cache = DynamicCache(config=self.model.config.get_text_config())
         self.model(
-            input_ids=prefix[None].to(self.model.device),
-            attention_mask=torch.ones((1, prefix_len), dtype=torch.long, device=self.model.device),
-            pixel_values=first.pixel_values[None].to(self.model.device, self.dtype),
-            image_sizes=first.image_size[None].to(self.model.device),
+            input_ids=prefix_ids.to(device),
+            attention_mask=prefix_mask.to(device),
+            position_ids=position_ids.to(device),
+            pixel_values=pixels.to(device, self.dtype),
+            image_sizes=torch.stack([item.image_size for item in firsts]).to(device),
             cache=cache,
             use_cache=True,
-            logits_to_keep=1,  # the prefix's logits are never read
+            logits_to_keep=1,  # the prefixes' logits are never read
         )
-        cache.batch_repeat_interleave(len(items))
-        input_ids, attention_mask = suffix_rows(prefix, [item.input_ids[prefix_len:] for item in items], self.processor.tokenizer.pad_token_id)
-        self.computed_prompt_tokens += prefix_len + len(items) * (input_ids.shape[1] - prefix_len)
-        inputs = {
-            "input_ids": input_ids.to(self.model.device),
-            "attention_mask": attention_mask.to(self.model.device),
-            "cache": cache,
-        }
-        # generate feeds only the tokens past the cache; no image tokens are left there, so no pixels.
+        members = [(row, index, group.prefix_len) for row, group in enumerate(groups) for index in group.indices]
+        cache.batch_select_indices(torch.tensor([row for row, _, _ in members], device=device))  # one cache row per question
+        input_ids, attention_mask = suffix_rows(prefix_ids, prefix_mask, [(row, items[index].input_ids[length:]) for row, index, length in members], pad)
+        self.computed_prompt_tokens += int(prefix_ids.numel()) + len(members) * (input_ids.shape[1] - prefix_ids.shape[1])
+        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "cache": cache}
+        # generate feeds only the columns past the cache; no image tokens are left there, so no pixels.
         output = self._generate(inputs, kwargs)
-        return list(output[:, input_ids.shape[1] :].cpu())
+        return {index: row for (_, index, _), row in zip(members, output[:, input_ids.shape[1] :].cpu(), strict=True)}
 
     def _collate(self, items: Sequence[ModelInputs]) -> dict[str, torch.Tensor]:
         """What the processor gives for a batch: prompts left-padded to a multiple of 16, tiles zero-padded."""
         longest = _round_up(max(item.num_tokens for item in items), PAD_TO_MULTIPLE_OF)
-        most_tiles = max(item.pixel_values.shape[0] for item in items)
         input_ids = torch.full((len(items), longest), self.processor.tokenizer.pad_token_id, dtype=items[0].input_ids.dtype)
         attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
-        pixel_values = items[0].pixel_values.new_zeros((len(items), most_tiles, *items[0].pixel_values.shape[1:]))
         for row, item in enumerate(items):
             input_ids[row, longest - item.num_tokens :] = item.input_ids
             attention_mask[row, longest - item.num_tokens :] = 1
-            pixel_values[row, : item.pixel_values.shape[0]] = item.pixel_values
         self.real_tokens += sum(item.num_tokens for item in items)
         self.padded_tokens += len(items) * longest
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "pixel_values": pixel_values,
+            "pixel_values": _stack_tiles([item.pixel_values for item in items]),
             "image_sizes": torch.stack([item.image_size for item in items]),
         }
 
@@ -412,6 +414,15 @@ def apply_image_grid(processor: LlavaNextProcessor, model: LlavaNextForCondition
     pinpoints = limit_pinpoints(model.config.image_grid_pinpoints, side, parse_grid(image_grid))
     processor.image_processor.image_grid_pinpoints = pinpoints
     model.config.image_grid_pinpoints = [list(point) for point in pinpoints]
+
+
+def _stack_tiles(tiles: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Images' tiles in one tensor, zero-padded to the most tiles (the model reads each image's count from its size)."""
+    most = max(int(t.shape[0]) for t in tiles)
+    stacked = tiles[0].new_zeros((len(tiles), most, *tiles[0].shape[1:]))
+    for row, t in enumerate(tiles):
+        stacked[row, : t.shape[0]] = t
+    return stacked
 
 
 def _by_pinpoints(items: Sequence[ModelInputs]) -> dict[tuple[tuple[int, int], ...], list[int]]:

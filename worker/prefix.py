@@ -2,13 +2,15 @@
 
 A LLaVA-NeXT prompt is ``system text + <image> x N + question + "ASSISTANT:"``; the image
 tokens are ~95% of a short-answer prompt. Jobs in one batch whose prompts agree up to the end
-of the image (same pixels, same template) share that prefix: the vision tower and the
-language model run over it once (one Transformers ``DynamicCache``), the cache is repeated
-once per question, and the questions' suffixes continue from it in one batched ``generate``.
+of the image (same pixels, same template) share that prefix. A batch runs in two model calls
+whatever its images: one forward over each distinct prefix (left-padded to the longest, the
+vision tower and the language model once per image, into one Transformers ``DynamicCache``),
+then the cache's rows are repeated to one per question and every question's suffix continues
+from its image's row in one batched ``generate``.
 
-Suffixes have different lengths, so each row is ``prefix + padding + suffix``: the padding
-sits in the middle, masked out, and generate's position ids (attention-mask cumsum) still
-count the suffix on from the end of the prefix, as in the job's own prompt.
+Suffixes have different lengths, so each row is ``padding + prefix + padding + suffix``: the
+padding is masked out, and generate's position ids (attention-mask cumsum) still count the
+suffix on from the end of its prefix, as in the job's own prompt.
 """
 
 from __future__ import annotations
@@ -43,34 +45,49 @@ class PrefixGroup:
 
 
 def group_by_prefix(keys: Sequence[tuple[str, tuple[int, ...]] | None]) -> tuple[list[PrefixGroup], list[int]]:
-    """Split a batch into groups of 2+ items with one (image key, prefix tokens) and the rest (indices)."""
+    """Group a batch by (image key, prefix tokens), in first-seen order; the indices without a key apart."""
     by_key: dict[tuple[str, tuple[int, ...]], list[int]] = {}
-    alone: list[int] = []
+    unkeyed: list[int] = []
     for index, key in enumerate(keys):
         if key is None:
-            alone.append(index)
+            unkeyed.append(index)
         else:
             by_key.setdefault(key, []).append(index)
-    groups = []
-    for key, indices in by_key.items():
-        if len(indices) > 1:
-            groups.append(PrefixGroup(indices=tuple(indices), prefix_len=len(key[1])))
-        else:
-            alone.extend(indices)
-    return groups, sorted(alone)
+    groups = [PrefixGroup(indices=tuple(indices), prefix_len=len(key[1])) for key, indices in by_key.items()]
+    return groups, unkeyed
+
+
+def prefix_batch(prefixes: Sequence[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prefixes left-padded to the longest: input ids, attention mask and position ids for one forward.
+
+    The position ids are explicit because a plain forward (unlike ``generate``) counts positions
+    from the first column, padding included: a shorter prefix must still start at 0.
+    """
+    width = max(int(prefix.shape[0]) for prefix in prefixes)
+    input_ids = torch.full((len(prefixes), width), pad_token_id, dtype=prefixes[0].dtype)
+    attention_mask = torch.zeros((len(prefixes), width), dtype=torch.long)
+    for row, prefix in enumerate(prefixes):
+        input_ids[row, width - prefix.shape[0] :] = prefix
+        attention_mask[row, width - prefix.shape[0] :] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids
 
 
 def suffix_rows(
-    prefix: torch.Tensor, suffixes: Sequence[torch.Tensor], pad_token_id: int
+    prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, rows: Sequence[tuple[int, torch.Tensor]], pad_token_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``prefix + padding + suffix`` rows and their attention mask (padding masked out)."""
-    longest = max(int(suffix.shape[0]) for suffix in suffixes)
-    width = int(prefix.shape[0]) + longest
-    input_ids = torch.full((len(suffixes), width), pad_token_id, dtype=prefix.dtype)
-    attention_mask = torch.zeros((len(suffixes), width), dtype=torch.long)
-    input_ids[:, : prefix.shape[0]] = prefix
-    attention_mask[:, : prefix.shape[0]] = 1
-    for row, suffix in enumerate(suffixes):
+    """One ``prefix + padding + suffix`` row per ``(prefix row, suffix)`` and the attention mask (padding masked out).
+
+    ``prefix_ids``/``prefix_mask`` are :func:`prefix_batch`'s; the rows' prefix part must be what
+    the cache holds for them, so generate feeds only the suffix columns past it.
+    """
+    longest = max(int(suffix.shape[0]) for _, suffix in rows)
+    width = int(prefix_ids.shape[1]) + longest
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=prefix_ids.dtype)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (prefix_row, suffix) in enumerate(rows):
+        input_ids[row, : prefix_ids.shape[1]] = prefix_ids[prefix_row]
+        attention_mask[row, : prefix_ids.shape[1]] = prefix_mask[prefix_row]
         input_ids[row, width - suffix.shape[0] :] = suffix
         attention_mask[row, width - suffix.shape[0] :] = 1
     return input_ids, attention_mask

@@ -11,7 +11,7 @@ from PIL import Image
 from producer.schema import GenerationSettings
 from producer.settings import Settings
 from worker.model import VQAModel
-from worker.prefix import group_by_prefix, prefix_length, suffix_rows
+from worker.prefix import group_by_prefix, prefix_batch, prefix_length, suffix_rows
 
 # Different sizes and aspect ratios: different tile grids, so different prefix lengths.
 IMAGE_SIZES = [(40, 30), (300, 120), (64, 256), (500, 500), (33, 77)]
@@ -60,8 +60,12 @@ def test_shared_prefix_answers_equal_solo_answers(vqa: VQAModel, size: tuple[int
     assert [answer.prompt_tokens for answer in shared] == [item.num_tokens for item in items]
 
 
-def test_mixed_batch_keeps_order_and_answers(vqa: VQAModel) -> None:
-    """Two images with two questions each, one image alone, interleaved: every answer in its place, equal to solo."""
+def test_mixed_batch_keeps_order_and_answers(vqa: VQAModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two images with two questions each, one image alone, interleaved: every answer in its place, equal to solo.
+
+    The three prefixes have different lengths (different tile grids), so the one prefill pads
+    them; the whole batch still runs as one ``generate``.
+    """
     first, second, third = _image(300, 120, 1), _image(64, 256, 2), _image(33, 77, 3)
     items = [
         vqa.prepare(first, QUESTIONS[0]),
@@ -70,6 +74,20 @@ def test_mixed_batch_keeps_order_and_answers(vqa: VQAModel) -> None:
         vqa.prepare(first, QUESTIONS[3]),
         vqa.prepare(second, QUESTIONS[4]),
     ]
+    lengths = {prefix_length(item.input_ids, vqa.model.config.image_token_id) for item in items}
+    assert len(lengths) == 3
+    solo = _solo(vqa, items)
+    calls = []
+    generate = vqa._generate
+    monkeypatch.setattr(vqa, "_generate", lambda inputs, kwargs: calls.append(inputs["input_ids"].shape[0]) or generate(inputs, kwargs))
+    assert [answer.text for answer in vqa.generate_batch(items, GREEDY)] == solo
+    assert calls == [5]
+
+
+def test_every_size_twice_in_one_batch_equals_solo(vqa: VQAModel) -> None:
+    """Five images of different sizes, two questions each, interleaved in one batch: ten answers equal to solo."""
+    images = [_image(*size, seed=size[1]) for size in IMAGE_SIZES]
+    items = [vqa.prepare(image, QUESTIONS[(i + q) % len(QUESTIONS)]) for q in range(2) for i, image in enumerate(images)]
     assert [answer.text for answer in vqa.generate_batch(items, GREEDY)] == _solo(vqa, items)
 
 
@@ -78,9 +96,9 @@ def test_same_bytes_share_a_key_different_bytes_do_not(vqa: VQAModel) -> None:
     b = vqa.prepare(_image(64, 64, 5), "Where is it?")  # another decode of the same pixels
     c = vqa.prepare(_image(64, 64, 6), "What is it?")
     assert a.image_key == b.image_key != c.image_key
-    groups, alone = group_by_prefix([vqa._prefix_key(item) for item in (a, b, c)])
-    assert [group.indices for group in groups] == [(0, 1)]
-    assert alone == [2]
+    groups, unkeyed = group_by_prefix([vqa._prefix_key(item) for item in (a, b, c)])
+    assert [group.indices for group in groups] == [(0, 1), (2,)]
+    assert unkeyed == []
 
 
 def test_sharing_off_computes_no_key(tiny_model_dir: Path) -> None:
@@ -88,17 +106,36 @@ def test_sharing_off_computes_no_key(tiny_model_dir: Path) -> None:
     assert vqa.prepare(_image(40, 30, 0), "What?").image_key is None
 
 
+def test_prefix_batch_left_pads_and_counts_positions_from_each_prefix() -> None:
+    ids, mask, positions = prefix_batch([torch.tensor([7, 8, 9]), torch.tensor([5])], pad_token_id=0)
+    assert ids.tolist() == [[7, 8, 9], [0, 0, 5]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert positions.tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
 def test_suffix_rows_pad_between_prefix_and_suffix() -> None:
-    ids, mask = suffix_rows(torch.tensor([7, 8, 9]), [torch.tensor([1]), torch.tensor([2, 3, 4])], pad_token_id=0)
-    assert ids.tolist() == [[7, 8, 9, 0, 0, 1], [7, 8, 9, 2, 3, 4]]
-    assert mask.tolist() == [[1, 1, 1, 0, 0, 1], [1, 1, 1, 1, 1, 1]]
+    prefix_ids, prefix_mask, _ = prefix_batch([torch.tensor([7, 8, 9]), torch.tensor([5])], pad_token_id=0)
+    ids, mask = suffix_rows(prefix_ids, prefix_mask, [(0, torch.tensor([1])), (0, torch.tensor([2, 3, 4])), (1, torch.tensor([6, 6]))], pad_token_id=0)
+    assert ids.tolist() == [[7, 8, 9, 0, 0, 1], [7, 8, 9, 2, 3, 4], [0, 0, 5, 0, 6, 6]]
+    assert mask.tolist() == [[1, 1, 1, 0, 0, 1], [1, 1, 1, 1, 1, 1], [0, 0, 1, 0, 1, 1]]
 
 
-def test_group_by_prefix_needs_two_of_a_kind() -> None:
+def test_group_by_prefix_in_first_seen_order() -> None:
     key = ("img", (1, 2))
-    groups, alone = group_by_prefix([key, None, ("other", (1, 2)), key])
-    assert [(group.indices, group.prefix_len) for group in groups] == [((0, 3), 2)]
-    assert alone == [1, 2]
+    groups, unkeyed = group_by_prefix([key, None, ("other", (1, 2, 3)), key])
+    assert [(group.indices, group.prefix_len) for group in groups] == [((0, 3), 2), ((2,), 3)]
+    assert unkeyed == [1]
+
+
+def test_no_image_with_two_questions_runs_the_plain_padded_batch(vqa: VQAModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sharing on, but every image asked once: one padded generate with the images' pixels, no separate prefill."""
+    items = [vqa.prepare(_image(40, 30, seed), QUESTIONS[seed]) for seed in range(3)]
+    solo = _solo(vqa, items)
+    calls = []
+    generate = vqa._generate
+    monkeypatch.setattr(vqa, "_generate", lambda inputs, kwargs: calls.append(sorted(inputs)) or generate(inputs, kwargs))
+    assert [answer.text for answer in vqa.generate_batch(items, GREEDY)] == solo
+    assert calls == [["attention_mask", "image_sizes", "input_ids", "pixel_values"]]
 
 
 @pytest.mark.parametrize("size", IMAGE_SIZES, ids=[f"{w}x{h}" for w, h in IMAGE_SIZES])
