@@ -61,7 +61,7 @@ PROFILES = {
     "full": Profile(model_size="bench", batch_sizes=(1, 2, 4, 8, 16), jobs_min=48, jobs_per_batch=8, new_tokens=16,
                     latency_batch=8, latency_s=40, padding_jobs=64, padding_batch=8, padding_e2e=True,
                     enqueue_jobs=5000, memory_jobs=10_000, memory_batch=16, memory_new_tokens=4, target_rounds=3,
-                    prefix_images=8),
+                    prefix_images=16),
     # Seconds, not minutes: the harness's own test. Figures from it mean nothing.
     "tiny": Profile(model_size="tiny", batch_sizes=(4,), jobs_min=12, jobs_per_batch=3, new_tokens=4,
                     latency_batch=4, latency_s=2, padding_jobs=8, padding_batch=4, padding_e2e=False,
@@ -198,8 +198,8 @@ def run(profile: Profile, *, name: str, command: str, sections: set[str]) -> dic
                 result["padding"] = _padding(st, profile, model, model_dir, work, loads["mixed"].files, gen, tag)
             if "prefix" in sections:
                 say(f"shared image prefixes: {profile.prefix_images} images x {PREFIX_QUESTIONS_PER_IMAGE} questions")
-                result["prefix"] = prefix_sharing(model, uniform_images[: profile.prefix_images],
-                                                  per_image=PREFIX_QUESTIONS_PER_IMAGE, generation=gen)
+                result["prefix"] = prefix_sharing(model, uniform_images[: profile.prefix_images], per_image=PREFIX_QUESTIONS_PER_IMAGE,
+                                                  batch=profile.latency_batch, rounds=profile.target_rounds, generation=gen)
                 say("shared image prefixes end to end, questions interleaved across images")
                 pb = profile.latency_batch
                 result["meta"]["prefix_batch_size"] = pb

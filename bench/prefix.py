@@ -1,8 +1,10 @@
 """Shared image prefixes (worker/prefix.py): questions/s with and without sharing, 1-5 questions per image.
 
-Engine-level, the same images and questions both ways: each image's questions are one batch
-(what the batcher forms from a bulk line's ``questions: [...]``). Reports questions/s, the
-prompt tokens the language model computed per question, and how many greedy answers agree.
+Engine-level, the same images and questions both ways, in batches of the worker's size formed
+image by image (what the batcher's affinity gives for a bulk line's ``questions: [...]``: an
+image's questions together, the next image's filling the rest of the batch). Reports
+questions/s, the prompt tokens the language model computed per question, and how many greedy
+answers agree.
 
 :func:`interleaved_sharing` is the same comparison end to end, through a real worker: the
 questions arrive interleaved across images (img1-q1, img2-q1, ..., img1-q2, ...), as independent
@@ -13,6 +15,7 @@ requests per question.
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -32,22 +35,35 @@ QUESTIONS = (
 )
 
 
-def prefix_sharing(model: Any, images: list[Image.Image], *, per_image: tuple[int, ...], generation: GenerationSettings) -> list[dict[str, Any]]:
-    """One row per questions-per-image count: questions/s shared vs. not, computed prompt tokens per question, agreement."""
+def prefix_sharing(model: Any, images: list[Image.Image], *, per_image: tuple[int, ...], batch: int, rounds: int,
+                   generation: GenerationSettings) -> list[dict[str, Any]]:
+    """One row per questions-per-image count: questions/s shared vs. not, computed prompt tokens per question, agreement.
+
+    ``rounds`` off/on pairs back to back (the order alternating, so drift in the host's load
+    falls on both); questions/s and the speedup are the medians, the per-round speedups kept.
+    """
     rows = []
     for count in per_image:
         questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(count)]
-        batches = [[model.prepare(image, question) for question in questions] for image in images]
-        runs = {shared: _run(model, batches, shared=shared, generation=generation) for shared in (False, True)}
-        plain, shared = runs[False], runs[True]
+        jobs = [model.prepare(image, question) for image in images for question in questions]
+        batches = [jobs[start : start + batch] for start in range(0, len(jobs), batch)]
+        pairs = []
+        for round_ in range(rounds):
+            order = (False, True) if round_ % 2 == 0 else (True, False)
+            runs = {shared: _run(model, batches, shared=shared, generation=generation) for shared in order}
+            pairs.append((runs[False], runs[True]))
+        plain, shared = pairs[0]
+        speedups = [round(on["qps"] / off["qps"], 3) for off, on in pairs]
         agree = sum(a == b for a, b in zip(plain["answers"], shared["answers"], strict=True))
         rows.append({
             "questions_per_image": count,
             "images": len(images),
             "questions": len(plain["answers"]),
-            "qps_without": plain["qps"],
-            "qps_with": shared["qps"],
-            "speedup": round(shared["qps"] / plain["qps"], 3),
+            "batch": batch,
+            "qps_without": statistics.median(off["qps"] for off, _ in pairs),
+            "qps_with": statistics.median(on["qps"] for _, on in pairs),
+            "speedup": statistics.median(speedups),
+            "speedup_per_round": speedups,
             "prompt_tokens_per_question_without": plain["tokens_per_question"],
             "prompt_tokens_per_question_with": shared["tokens_per_question"],
             "answers_agreeing": agree,

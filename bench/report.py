@@ -90,13 +90,16 @@ def markdown(result: dict[str, Any]) -> str:
     prefix = result.get("prefix")
     if prefix:
         lines += ["", "## Shared image prefixes (several questions per image)", "",
-                  "Each image's questions are one batch; the same prepared jobs with `VQA_SHARE_IMAGE_PREFIX` off and on.", "",
+                  f"The same prepared jobs with `VQA_SHARE_IMAGE_PREFIX` off and on, in batches of {prefix[0].get('batch', 'one image')} "
+                  "formed image by image (an image's questions together, the next image's after them, as the batcher's affinity "
+                  "orders them); with sharing a batch is one prefill of its distinct image prefixes and one generate. "
+                  f"Medians of {len(prefix[0].get('speedup_per_round', [0]))} off/on rounds; the speedup of each round in the last column.", "",
                   "| questions/image | questions | q/s without | q/s with | speedup | prompt tokens computed/question without | with "
-                  "| greedy answers agreeing |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| greedy answers agreeing | speedup per round |", "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for row in prefix:
             lines.append(f"| {row['questions_per_image']} | {row['questions']} | {row['qps_without']} | {row['qps_with']} | {row['speedup']}x "
                          f"| {row['prompt_tokens_per_question_without']} | {row['prompt_tokens_per_question_with']} "
-                         f"| {row['answers_agreeing']}/{row['questions']} |")
+                         f"| {row['answers_agreeing']}/{row['questions']} | {', '.join(map(str, row.get('speedup_per_round', [])))} |")
     interleaved = result.get("prefix_interleaved")
     if interleaved:
         lines += ["", "## Shared image prefixes end to end, questions interleaved across images", "",

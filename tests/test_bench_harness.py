@@ -55,7 +55,11 @@ def test_bench_tiny_profile_measures_every_section(tmp_path: Path) -> None:
     assert sorted(prefix) == [1, 2, 3, 5]
     # One question per image has nothing to share; more share the image's prefill.
     assert prefix[1]["prompt_tokens_per_question_with"] == prefix[1]["prompt_tokens_per_question_without"]
-    assert prefix[3]["prompt_tokens_per_question_with"] < prefix[3]["prompt_tokens_per_question_without"] / 2
+    # Batches of 4 formed image by image split some images across two batches (each prefills it),
+    # so the saving is short of 1/questions, but it grows with the questions per image.
+    with_sharing = [prefix[n]["prompt_tokens_per_question_with"] for n in (1, 2, 3, 5)]
+    assert with_sharing == sorted(with_sharing, reverse=True) and len(set(with_sharing)) == 4
+    assert prefix[5]["prompt_tokens_per_question_with"] < prefix[5]["prompt_tokens_per_question_without"] / 2
     assert all(row["agreement_rate"] == 1.0 for row in prefix.values())
 
     grid = {row["image_grid"]: row for row in json.loads((tmp_path / "grid" / "results.json").read_text())["grid"]}
