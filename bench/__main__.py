@@ -28,7 +28,7 @@ from bench.e2e import burst, enqueue_rates, memory_run, open_loop
 from bench.model import QUESTION, direct_throughput, load_images, padding_run, write_workloads
 from bench.grid import grid_markdown, image_grid_rows
 from bench.prefix import interleaved_sharing, prefix_sharing
-from bench.report import markdown, plot, targets
+from bench.report import markdown, pipeline_cpu_ms, plot, targets
 from bench.stack import stack
 
 from producer.schema import GenerationSettings
@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-jobs", type=int, help="jobs for the memory run (full profile: 10000)")
     parser.add_argument("--batch-sizes", help="comma-separated, e.g. 1,8")
     parser.add_argument("--quantization", choices=["none", "nf4", "int8"], help="worker and direct model (default none)")
+    parser.add_argument("--torch-threads", type=int, help="torch intra-op threads for the direct runs and the workers (default: "
+                        "torch's own). 1 puts all of the model's CPU on the thread that calls it, so the CPU table's pipeline "
+                        "column (the worker's CPU beyond its model, decoding and preprocessing) is exact")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)} "
                         "(latency needs throughput, which it then runs too)")
     args = parser.parse_args(argv)
@@ -95,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown sections: {', '.join(sorted(sections - set(SECTIONS)))}")
     if "latency" in sections:
         sections.add("throughput")
-    result = run(profile, name=args.profile, command=command, sections=sections)
+    if args.torch_threads is not None:
+        # Read by torch in the workers the bench starts (and by OpenMP/MKL in this process, if torch is not loaded yet).
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = str(args.torch_threads)
+    result = run(profile, name=args.profile, command=command, sections=sections, torch_threads=args.torch_threads)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "results.md").write_text(markdown(result))
@@ -134,15 +141,19 @@ class LoadSampler:
                 "max": max(self.values)}
 
 
-def run(profile: Profile, *, name: str, command: str, sections: set[str]) -> dict[str, Any]:
+def run(profile: Profile, *, name: str, command: str, sections: set[str], torch_threads: int | None = None) -> dict[str, Any]:
     import torch
     import transformers
+
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
 
     from worker.model import VQAModel
     from worker.dev.tiny_model import build_tiny_model
 
     started, load = time.monotonic(), LoadSampler()
-    result: dict[str, Any] = {"meta": {"profile": name, "command": command, "started_at": datetime.now(UTC).isoformat(timespec="seconds")}}
+    result: dict[str, Any] = {"meta": {"profile": name, "command": command, "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                                       "torch_threads_pinned": torch_threads}}
     gen = GenerationSettings(max_new_tokens=profile.new_tokens, min_new_tokens=profile.new_tokens)
     mem_gen = GenerationSettings(max_new_tokens=profile.memory_new_tokens, min_new_tokens=profile.memory_new_tokens)
     q = profile.quantization
@@ -242,6 +253,8 @@ def _point(b: int, direct: dict[str, Any], e2e: dict[str, Any], delayed: dict[st
         "delay_utilisation": delayed["model_utilisation"],
         "direct_cpu_ms_per_image": direct["cpu_ms_per_image"],
         **{f"e2e_cpu_ms_{name}": ms for name, ms in e2e["cpu_ms_per_job"].items()},
+        **{f"e2e_cpu_ms_{stage}": ms for stage, ms in e2e["worker_cpu_ms_per_job"].items()},
+        "e2e_cpu_ms_pipeline": pipeline_cpu_ms(e2e),
         "e2e_s3_requests_per_job": e2e["s3_requests_per_job"],
     }
 

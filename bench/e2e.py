@@ -29,16 +29,22 @@ def burst(stack: Stack, env: dict[str, str], *, files: list[str], delay_s: float
     """Submit every job at once (bulk) to a running worker; time each record as it is published."""
     with stack.client(env) as client:
         requests = _requests(stack.image_urls[delay_s], files, tag=tag, generation=generation)
+        # The scrapes of the worker's stage counters fall outside the window its process CPU is read over.
+        stages_before = stack.worker_stage_cpu()
         cpu_before, s3_before = stack.cpu(), stack.s3_requests()
         start = time.monotonic()
         ids = client.submit_many(requests)
     done = stack.listener.wait_for(ids, timeout=timeout)
     cpu_after = stack.cpu()
+    stages_after = stack.worker_stage_cpu()
     time.sleep(0.2)  # the server writes its access-log line after the answer
     s3_requests = stack.s3_requests() - s3_before
     # Where the CPU went, per job: on a CPU host everything here shares the cores with the model.
     cpu = {name: round(1000 * (cpu_after[name] - cpu_before[name]) / len(ids), 1) for name in cpu_after if name in cpu_before}
-    return {**summarize(start, list(done.values())), "cpu_ms_per_job": cpu, "s3_requests_per_job": round(s3_requests / len(ids), 2)}
+    # Inside the worker: its model, decoding and preprocessing, each timed on the thread that ran it.
+    stages = {stage: round(1000 * (stages_after[stage] - stages_before[stage]) / len(ids), 1) for stage in stages_after}
+    return {**summarize(start, list(done.values())), "cpu_ms_per_job": cpu, "worker_cpu_ms_per_job": stages,
+            "s3_requests_per_job": round(s3_requests / len(ids), 2)}
 
 
 def summarize(start: float, done: list[Done]) -> dict[str, Any]:

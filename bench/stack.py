@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,7 +28,8 @@ import redis
 
 from producer.client import VQAClient
 from producer.settings import Settings
-from worker.dev.services import RedisServer, S3Server, WorkerProcess, image_server
+from worker.cputime import STAGES
+from worker.dev.services import RedisServer, S3Server, WorkerProcess, free_port, image_server
 
 _META_PATTERN = "celery-task-meta-*"
 
@@ -112,6 +114,8 @@ class Stack:
     bucket: str = "vqa-bench"
     worker: WorkerProcess | None = None
     worker_env: dict[str, str] = field(default_factory=dict)
+    # The worker's /metrics: its CPU in the model, decoding and preprocessing (worker/cputime.py).
+    metrics_port: int = field(default_factory=free_port)
     _workers_started: int = 0
 
     def env(self, *, model: str, quantization: str = "none", **overrides: str) -> dict[str, str]:
@@ -128,6 +132,7 @@ class Stack:
             "VQA_ALLOWED_HOSTS": hosts,
             "VQA_VISIBILITY_TIMEOUT": "600",
             "VQA_SHUTDOWN_GRACE_S": "60",
+            "VQA_METRICS_PORT": str(self.metrics_port),
         }
         return {**base, **overrides}
 
@@ -137,6 +142,12 @@ class Stack:
                 "s3_server": self.s3.proc.pid if self.s3.proc else None,
                 "redis": self.redis.proc.pid if self.redis.proc else None, "bench": os.getpid()}
         return {name: cpu_seconds(pid) for name, pid in pids.items() if pid is not None}
+
+    def worker_stage_cpu(self) -> dict[str, float]:
+        """The running worker's CPU seconds so far in each accounted stage (model, decode, preprocess), from its /metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        return stage_cpu_seconds(text)
 
     def s3_requests(self) -> int:
         """Requests the S3 server has answered so far (its access log: one line per request)."""
@@ -233,6 +244,19 @@ def sample_workdir(prefix: str) -> Iterator[tuple[Path, Path]]:
         images.mkdir()
         write_sample_images(images)
         yield work, images
+
+def stage_cpu_seconds(metrics_text: str) -> dict[str, float]:
+    """``{stage: seconds}`` from a worker's Prometheus text (``vqa_<stage>_cpu_seconds_total``, one worker's series)."""
+    found: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        for stage in STAGES:
+            if line.startswith(f"vqa_{stage}_cpu_seconds_total{{"):
+                found[stage] = found.get(stage, 0.0) + float(line.rsplit(" ", 1)[1])
+    missing = set(STAGES) - found.keys()
+    if missing:
+        raise RuntimeError(f"the worker's /metrics has no CPU counters for {', '.join(sorted(missing))}")
+    return found
+
 
 def rss_kib(pid: int) -> int:
     """Resident set size of a process, from /proc (Linux)."""

@@ -8,6 +8,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from producer.celery_app import make_celery
@@ -18,6 +19,7 @@ from worker.bulkruns import BulkRuns
 from worker.cancels import CancelCheck, RevokedSet
 from worker.consumer import BatchingConsumer
 from worker.counters import JobCounters
+from worker.cputime import CpuAccount
 from worker.engine import Engine
 from worker.fetch.images import FetchPolicy, install_pillow_warning_filter
 from worker.health import Readiness
@@ -48,6 +50,8 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, s3_client: A
     worker_name = default_worker_name(settings)
     stopping = threading.Event()
     readiness = Readiness()
+    # Called after a stop is asked for: the consumer loop sleeps on its own event (worker/consumer.py).
+    wakers: list[Callable[[], None]] = []
 
     def _on_signal(signum: int, _frame: Any) -> None:
         if stopping.is_set():
@@ -56,6 +60,8 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, s3_client: A
         log.info("%s received: warm shutdown (grace %.0f s)", signal.Signals(signum).name, settings.shutdown_grace_s)
         readiness.advance("stopping")
         stopping.set()
+        for wake in wakers:
+            wake()
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
@@ -88,9 +94,11 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, s3_client: A
     # prefix sharing (off: every job fetches its own, as before). At most one entry per job held.
     held = prefetch_batches(settings.max_batch_tokens) * settings.max_batch_size + settings.fetch_concurrency
     images = SharedImages(max_entries=held) if settings.share_image_prefix else None
+    # CPU in the model, decoding and preprocessing: the rest of the process's is the queue's own.
+    cpu = CpuAccount()
     preparer = JobPreparer(
         engine=engine, store=store, counters=counters, cancels=cancels, policy=_fetch_policy(settings, engine), s3_client=s3,
-        images=images,
+        images=images, cpu=cpu,
     )
     # Bulk runs' counts and completion logs: on every worker (a no-op for jobs of no run).
     hooks = Hooks([JobLog(), BulkRuns(client=jobs_redis, s3_client=s3, settings=settings)])
@@ -100,16 +108,18 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, s3_client: A
         # Before the ack, on the store pool: a record's event is durable before its message goes (worker/completions.py).
         hooks.add(CompletionEvents(jobs_redis, settings=settings))
     runner = BatchRunner(
-        settings=settings, engine=engine, store=store, counters=counters, worker_name=worker_name, stopping=stopping, hooks=hooks
+        settings=settings, engine=engine, store=store, counters=counters, worker_name=worker_name, stopping=stopping, hooks=hooks,
+        cpu=cpu,
     )
     consumer = BatchingConsumer(
         settings=settings, runner=runner, prepare=preparer, stopping=stopping, hooks=hooks, cancels=cancels, worker_name=worker_name
     )
     readiness.watch(consumer.progress)
+    wakers.append(consumer.stop)
     if registry is not None:
         from worker.metrics import WorkerMetrics, cuda_memory_reader
 
-        metrics = WorkerMetrics(worker=worker_name, ledger=consumer.ledger.stats, registry=registry)
+        metrics = WorkerMetrics(worker=worker_name, ledger=consumer.ledger.stats, registry=registry, cpu=cpu)
         metrics.model_loaded(load_s)
         gpu_memory = cuda_memory_reader(device)
         if gpu_memory is not None:
@@ -125,7 +135,7 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, s3_client: A
 
         def _remote_shutdown() -> None:  # `celery control shutdown`: the warm shutdown SIGTERM starts
             readiness.advance("stopping")
-            stopping.set()
+            consumer.stop()
 
         hooks.add(
             RemoteControl(

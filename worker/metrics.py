@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from producer.errors import VQAError
 from producer.schema import Job, Record
+from worker.cputime import CpuAccount
 from worker.hooks import BatchReport, Hook
 from worker.jobs import seconds_since
 from worker.ledger import LedgerStats
@@ -32,7 +33,8 @@ from worker.ledger import LedgerStats
 class WorkerMetrics(Hook):
     """Prometheus metrics of one worker, fed by the lifecycle hooks; ``registry`` is what /metrics serves."""
 
-    def __init__(self, *, worker: str, ledger: LedgerStats, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, *, worker: str, ledger: LedgerStats, registry: CollectorRegistry | None = None,
+                 cpu: CpuAccount | None = None) -> None:
         self.worker = worker
         self.registry = registry or CollectorRegistry()
         r = self.registry
@@ -76,6 +78,8 @@ class WorkerMetrics(Hook):
                        self.padding_efficiency, self.prompt_tokens, self.padded_tokens, self.model_load):
             metric.labels(worker)
         r.register(LedgerCollector(worker=worker, ledger=ledger))
+        if cpu is not None:
+            r.register(CpuCollector(worker=worker, cpu=cpu))
 
     def model_loaded(self, seconds: float) -> None:
         self.model_load.labels(self.worker).set(seconds)
@@ -158,6 +162,26 @@ class GpuMemoryCollector(Collector):
         ):
             family = GaugeMetricFamily(name, doc, labels=["worker"])
             family.add_metric([self.worker], value)
+            yield family
+
+
+class CpuCollector(Collector):
+    """The worker's CPU seconds in the model, decoding and preprocessing (worker/cputime.py), read at scrape time."""
+
+    _HELP = {
+        "model": "CPU seconds on the model thread inside the engine's batched call.",
+        "decode": "CPU seconds decoding images, on the fetch pool.",
+        "preprocess": "CPU seconds preprocessing images and prompts for the model, on the fetch pool.",
+    }
+
+    def __init__(self, *, worker: str, cpu: CpuAccount) -> None:
+        self.worker = worker
+        self.cpu = cpu
+
+    def collect(self) -> Iterator[Metric]:
+        for stage, seconds in self.cpu.seconds().items():
+            family = CounterMetricFamily(f"vqa_{stage}_cpu_seconds", self._HELP[stage], labels=["worker"])
+            family.add_metric([self.worker], seconds)
             yield family
 
 

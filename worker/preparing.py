@@ -28,8 +28,9 @@ from producer.errors import CorruptRecord, PermanentError, StorageUnavailable, V
 from producer.schema import Job
 from worker.cancels import CancelCheck
 from worker.counters import JobCounters
+from worker.cputime import CpuAccount
 from worker.engine import Engine, ImageFirstEngine
-from worker.fetch.images import FetchPolicy, fetch_image
+from worker.fetch.images import FetchPolicy, decode_image, fetch_bytes
 from worker.imageshare import SharedImages
 from worker.jobs import Prepared
 from worker.storage import RecordStore
@@ -42,7 +43,7 @@ class JobPreparer:
 
     def __init__(
         self, *, engine: Engine, store: RecordStore, counters: JobCounters, cancels: CancelCheck, policy: FetchPolicy, s3_client: Any,
-        images: SharedImages | None = None,
+        images: SharedImages | None = None, cpu: CpuAccount | None = None,
     ) -> None:
         self.engine = engine
         self.cancels = cancels
@@ -51,6 +52,7 @@ class JobPreparer:
         self.policy = policy
         self.s3_client = s3_client
         self.images = images
+        self.cpu = cpu or CpuAccount()
 
     def __call__(self, job: Job) -> Prepared:
         try:
@@ -89,9 +91,10 @@ class JobPreparer:
         if self.images is not None:
             return self._prepare_shared(job, earlier=earlier)
         start = time.perf_counter()
-        image = fetch_image(job.image_url, self.policy, s3_client=self.s3_client, image_grid=job.image_grid)
+        image = self._fetch(job)
         fetched = time.perf_counter()
-        inputs = self.engine.prepare(image, job.question, image_grid=job.image_grid)
+        with self.cpu.measure("preprocess"):
+            inputs = self.engine.prepare(image, job.question, image_grid=job.image_grid)
         return Prepared(
             inputs=inputs,
             cost=self.engine.cost(inputs),
@@ -101,6 +104,12 @@ class JobPreparer:
             image_key=getattr(inputs, "image_key", None),
         )
 
+    def _fetch(self, job: Job) -> Any:
+        """Download and decode the job's image; the decode's CPU is accounted, the download's is the pipeline's."""
+        data = fetch_bytes(job.image_url, self.policy, s3_client=self.s3_client)
+        with self.cpu.measure("decode"):
+            return decode_image(data, self.policy, image_grid=job.image_grid)
+
     def _prepare_shared(self, job: Job, *, earlier: int) -> Prepared:
         assert self.images is not None
         split = isinstance(self.engine, ImageFirstEngine)
@@ -108,12 +117,13 @@ class JobPreparer:
 
         def load() -> Any:
             start = time.perf_counter()
-            image = fetch_image(job.image_url, self.policy, s3_client=self.s3_client, image_grid=job.image_grid)
+            image = self._fetch(job)
             timings["fetch"] = time.perf_counter() - start
             if not split:
                 return image
             fetched = time.perf_counter()
-            part = self.engine.prepare_image(image, image_grid=job.image_grid)  # type: ignore[attr-defined]
+            with self.cpu.measure("preprocess"):
+                part = self.engine.prepare_image(image, image_grid=job.image_grid)  # type: ignore[attr-defined]
             timings["image"] = time.perf_counter() - fetched
             return part
 
@@ -126,10 +136,11 @@ class JobPreparer:
         got = time.perf_counter()
         fetch_s = timings["fetch"] if loaded else got - start
         image_s = timings.get("image", 0.0) if loaded else 0.0
-        if split:
-            inputs = self.engine.prepare_question(shared.value, job.question)  # type: ignore[attr-defined]
-        else:
-            inputs = self.engine.prepare(shared.value, job.question, image_grid=job.image_grid)
+        with self.cpu.measure("preprocess"):
+            if split:
+                inputs = self.engine.prepare_question(shared.value, job.question)  # type: ignore[attr-defined]
+            else:
+                inputs = self.engine.prepare(shared.value, job.question, image_grid=job.image_grid)
         return Prepared(
             inputs=inputs,
             cost=self.engine.cost(inputs),

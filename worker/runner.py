@@ -40,6 +40,7 @@ from producer.image_grid import effective_grid
 from producer.schema import ErrorInfo, Record, Usage, utcnow
 from producer.settings import Settings
 from worker.counters import JobCounters
+from worker.cputime import CpuAccount
 from worker.engine import Answer, Engine
 from worker.hooks import BatchReport, Hooks
 from worker.jobs import Outcome, Pending, Prepared
@@ -101,6 +102,7 @@ class BatchRunner:
         worker_name: str,
         stopping: threading.Event,
         hooks: Hooks | None = None,
+        cpu: CpuAccount | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.settings = settings
@@ -111,6 +113,7 @@ class BatchRunner:
         self.stopping = stopping
         self.hooks = hooks or Hooks()
         self.stats = BatchStats()
+        self.cpu = cpu or CpuAccount()
         self._survivors: list[str] = []  # model thread only: came back from the model, counts not yet reset
         self._sleep = sleep
         # STARTED states go to the result backend off the model thread (with `appendfsync always`
@@ -231,7 +234,8 @@ class BatchRunner:
         start = time.perf_counter()
         try:
             self._inject_faults(items)
-            answers = self.engine.generate_batch([(pending.prepared or Prepared()).inputs for pending in items], generation)
+            with self.cpu.measure("model"):
+                answers = self.engine.generate_batch([(pending.prepared or Prepared()).inputs for pending in items], generation)
         except Exception as exc:  # noqa: BLE001 - isolate whatever broke; the error is kept per job
             error = exc if isinstance(exc, VQAError) else PermanentError(f"model failed: {type(exc).__name__}: {exc}", code="model_error")
             if len(items) == 1:
