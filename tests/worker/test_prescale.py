@@ -135,7 +135,7 @@ def test_the_fetch_stage_prescales_each_job_for_its_own_grid(
     model: Any, monkeypatch: pytest.MonkeyPatch, shared: bool, split: bool
 ) -> None:
     data = _encoded((4032, 3024), seed=10)
-    monkeypatch.setattr("worker.fetch.images.fetch_bytes", lambda url, policy, s3_client=None: data)
+    monkeypatch.setattr("worker.preparing.fetch_bytes", lambda url, policy, s3_client=None: data)
     engine = model if split else _Sizes()
     unrun = _Unrun()
     preparer = JobPreparer(
