@@ -98,7 +98,7 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, s3_client: A
     cpu = CpuAccount()
     preparer = JobPreparer(
         engine=engine, store=store, counters=counters, cancels=cancels, policy=_fetch_policy(settings, engine), s3_client=s3,
-        images=images, cpu=cpu,
+        images=images, cpu=cpu, image_grid=settings.image_grid,
     )
     # Bulk runs' counts and completion logs: on every worker (a no-op for jobs of no run).
     hooks = Hooks([JobLog(), BulkRuns(client=jobs_redis, s3_client=s3, settings=settings)])

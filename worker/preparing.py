@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from producer.errors import CorruptRecord, PermanentError, StorageUnavailable, VQAError
+from producer.image_grid import FULL, effective_grid
 from producer.schema import Job
 from worker.cancels import CancelCheck
 from worker.counters import JobCounters
@@ -43,9 +44,10 @@ class JobPreparer:
 
     def __init__(
         self, *, engine: Engine, store: RecordStore, counters: JobCounters, cancels: CancelCheck, policy: FetchPolicy, s3_client: Any,
-        images: SharedImages | None = None, cpu: CpuAccount | None = None,
+        images: SharedImages | None = None, cpu: CpuAccount | None = None, image_grid: str = FULL,
     ) -> None:
         self.engine = engine
+        self.image_grid = image_grid  # the worker's VQA_IMAGE_GRID: a job's grid is taken within it
         self.cancels = cancels
         self.store = store
         self.counters = counters
@@ -130,7 +132,9 @@ class JobPreparer:
         start = time.perf_counter()
         # Preprocessed tiles, and a prescaled decode (VQA_IMAGE_PRESCALE), depend on the job's
         # grid: only jobs of one grid share them.
-        key = (job.image_url, job.image_grid) if split or self.policy.prescale is not None else job.image_url
+        # The effective grid, not the asked one: None, "full" and "2x1" on a 2x1 worker are one image.
+        grid = effective_grid(job.image_grid, self.image_grid)
+        key = (job.image_url, grid) if split or self.policy.prescale is not None else job.image_url
         shared, loaded = self.images.get(key, load)
         # A job that shared the image reports its wait as its fetch, and no image preprocessing.
         got = time.perf_counter()

@@ -156,6 +156,25 @@ def test_the_fetch_stage_prescales_each_job_for_its_own_grid(
     assert sizes[None] != sizes["1x1"]
 
 
+def test_jobs_asking_for_the_same_effective_grid_share_one_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a 2x1 worker None, "full" and "2x1" all run at 2x1: one load of the image for the three, another for 1x1."""
+    loads = []
+    data = _encoded((640, 480), seed=11)
+    monkeypatch.setattr("worker.preparing.fetch_bytes", lambda url, policy, s3_client=None: loads.append(url) or data)
+    unrun = _Unrun()
+    preparer = JobPreparer(
+        engine=_Sizes(), store=None, counters=unrun, cancels=unrun, policy=FetchPolicy(prescale=seven_b_prescaler()),  # type: ignore[arg-type]
+        s3_client=None, images=SharedImages(max_entries=8), image_grid="2x1",
+    )
+    held = []
+    for grid in (None, "full", "2x1", "1x1"):
+        job = Job(job_id=f"job-{grid}", image_url="https://images.example/photo.jpg", question="What?", model="m",
+                  generation=GenerationSettings(), submitted_at=utcnow(), image_grid=grid)
+        held.append(preparer(job))
+        assert held[-1].error is None
+    assert len(loads) == 2
+
+
 def test_draft_decodes_a_phone_photo_at_reduced_scale(monkeypatch: pytest.MonkeyPatch) -> None:
     drafts: list[Any] = []
     original = JpegImageFile.draft
