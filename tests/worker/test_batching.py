@@ -4,19 +4,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.clock import ManualClock
 from worker.batching import MicroBatcher, padding_efficiency
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_flushes_when_full_before_the_delay() -> None:
-    clock = Clock()
+    clock = ManualClock()
     batcher: MicroBatcher[int] = MicroBatcher(max_size=3, max_delay_s=1.0, clock=clock)
     for item in range(4):
         batcher.add("g", item)
@@ -28,7 +21,7 @@ def test_flushes_when_full_before_the_delay() -> None:
 
 
 def test_flushes_after_the_delay_when_not_full() -> None:
-    clock = Clock()
+    clock = ManualClock()
     batcher: MicroBatcher[str] = MicroBatcher(max_size=8, max_delay_s=0.5, clock=clock)
     batcher.add("g", "a")
     clock.now = 0.2
@@ -41,7 +34,7 @@ def test_flushes_after_the_delay_when_not_full() -> None:
 
 
 def test_different_settings_never_share_a_batch_and_oldest_goes_first() -> None:
-    clock = Clock()
+    clock = ManualClock()
     batcher: MicroBatcher[str] = MicroBatcher(max_size=4, max_delay_s=0.1, clock=clock)
     batcher.add("short", "s1")
     clock.now = 0.05
@@ -64,7 +57,7 @@ def test_drain_returns_everything() -> None:
 
 
 def test_padding_aware_groups_similar_prompt_lengths() -> None:
-    clock = Clock()
+    clock = ManualClock()
     batcher: MicroBatcher[str] = MicroBatcher(max_size=2, max_delay_s=1.0, max_tokens=10_000, clock=clock)
     for name, cost in [("a300", 300), ("b100", 100), ("c310", 310), ("d105", 105)]:
         batcher.add("g", name, cost=cost)
@@ -84,7 +77,7 @@ def test_padding_blind_when_off_is_first_come_first_served() -> None:
 
 
 def test_token_budget_limits_the_batch_and_makes_it_due() -> None:
-    clock = Clock()
+    clock = ManualClock()
     batcher: MicroBatcher[int] = MicroBatcher(max_size=8, max_delay_s=1.0, max_tokens=1000, clock=clock)
     for item in range(4):
         batcher.add("g", item, cost=300)
@@ -106,7 +99,7 @@ def test_an_item_over_the_budget_runs_alone() -> None:
 
 
 def test_the_oldest_item_is_never_starved_by_better_fitting_ones() -> None:
-    clock = Clock()
+    clock = ManualClock()
     batcher: MicroBatcher[str] = MicroBatcher(max_size=3, max_delay_s=0.5, max_tokens=100_000, clock=clock)
     batcher.add("g", "odd", cost=900)
     for round_ in range(5):
@@ -122,7 +115,7 @@ def test_the_oldest_item_is_never_starved_by_better_fitting_ones() -> None:
 
 
 def test_arrival_time_backdates_the_delay() -> None:
-    clock = Clock()
+    clock = ManualClock()
     clock.now = 5.0
     batcher: MicroBatcher[str] = MicroBatcher(max_size=8, max_delay_s=0.5, max_tokens=4096, clock=clock)
     batcher.add("g", "late-ready", cost=100, arrived_at=4.0)  # its message came 1 s ago
@@ -131,7 +124,7 @@ def test_arrival_time_backdates_the_delay() -> None:
 
 
 def test_complete_only_ignores_aged_partial_batches() -> None:
-    clock = Clock()
+    clock = ManualClock()
     batcher: MicroBatcher[int] = MicroBatcher(max_size=4, max_delay_s=0.1, clock=clock)
     batcher.add("g", 1)
     clock.now = 1.0
@@ -156,7 +149,7 @@ def test_padding_efficiency() -> None:
     ops=st.lists(st.tuples(st.sampled_from(["a", "b"]), st.integers(1, 600), st.booleans()), max_size=40),
 )
 def test_batches_respect_size_budget_groups_and_lose_nothing(max_size: int, max_tokens: int, ops: list[tuple[str, int, bool]]) -> None:
-    clock = Clock()
+    clock = ManualClock()
     batcher: MicroBatcher[tuple[str, int, int]] = MicroBatcher(max_size=max_size, max_delay_s=1.0, max_tokens=max_tokens, clock=clock)
     added, taken = [], []
     waiting: dict[str, list[tuple[str, int, int]]] = {"a": [], "b": []}

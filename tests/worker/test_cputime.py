@@ -9,21 +9,14 @@ import pytest
 from prometheus_client import generate_latest
 
 from bench.stack import stage_cpu_seconds
+from tests.support.clock import ManualClock
 from worker.cputime import CpuAccount
 from worker.ledger import LedgerStats
 from worker.metrics import WorkerMetrics
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_each_stage_gets_the_cpu_spent_inside_its_block_also_when_it_raises() -> None:
-    clock = _Clock()
+    clock = ManualClock()
     cpu = CpuAccount(clock=clock)
     with cpu.measure("model"):
         clock.now += 1.5
@@ -55,7 +48,7 @@ def test_the_real_clock_counts_only_the_measuring_threads_cpu() -> None:
 
 
 def test_the_metrics_serve_the_totals_and_the_benchmark_reads_them_back() -> None:
-    clock = _Clock()
+    clock = ManualClock()
     cpu = CpuAccount(clock=clock)
     metrics = WorkerMetrics(worker="w1", ledger=LedgerStats(), cpu=cpu)
     with cpu.measure("preprocess"):
