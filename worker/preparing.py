@@ -130,9 +130,9 @@ class JobPreparer:
             return part
 
         start = time.perf_counter()
-        # Preprocessed tiles, and a prescaled decode (VQA_IMAGE_PRESCALE), depend on the job's
-        # grid: only jobs of one grid share them.
-        # The effective grid, not the asked one: None, "full" and "2x1" on a 2x1 worker are one image.
+        # Preprocessed tiles, and a prescaled decode (VQA_IMAGE_PRESCALE), depend on the grid the
+        # job runs with: only jobs of one effective grid share them (None, "full" and "2x1" on a
+        # 2x1 worker are one image).
         grid = effective_grid(job.image_grid, self.image_grid)
         key = (job.image_url, grid) if split or self.policy.prescale is not None else job.image_url
         shared, loaded = self.images.get(key, load)
