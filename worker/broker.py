@@ -161,6 +161,9 @@ local now = redis.call('TIME')
 return redis.call('ZADD', KEYS[1], now[1] + now[2] / 1000000, ARGV[1])
 """
 
+# How long the ids of a pop whose reply was lost are looked for in the worker's own hash.
+_IN_DOUBT_KEPT_S = 60.0
+
 # Once a worker's heartbeat is this old, live workers restore its messages (VQA_HEARTBEAT_TIMEOUT_S).
 DEFAULT_HEARTBEAT_TIMEOUT_S = 15.0
 
@@ -197,6 +200,8 @@ class RedisQueue:
         self._lower_lane_every = lower_lane_every
         self._pops = 0
         self._next_delivery = 1
+        # Pops whose reply never came: (first delivery number, how many it could take, look until).
+        self._in_doubt: list[tuple[int, int, float]] = []
         self._lists = keys.priority_queue_keys(queue)
         self._owned = keys.worker_unacked_key(queue, self.consumer_id)
         self._heartbeats = keys.heartbeats_key(queue)
@@ -210,8 +215,8 @@ class RedisQueue:
     @classmethod
     def from_url(cls, url: str, *, queue: str, consumer_id: str | None = None,
                  heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S, master_name: str | None = None) -> RedisQueue:
-        # No automatic retries: a pop retried after a lost reply would take more messages, held
-        # by nobody until this worker's heartbeat times out. The consumer retries, after a pause.
+        # No automatic retries: a pop retried after a lost reply would take more messages before
+        # the first ones were looked for (see pop). The consumer retries, after a pause.
         return cls(redis_client(url, retries=False, master_name=master_name), queue=queue, consumer_id=consumer_id, heartbeat_timeout_s=heartbeat_timeout_s)
 
     def pop(self, limit: int) -> list[Delivery]:
@@ -222,11 +227,42 @@ class RedisQueue:
         """
         if limit <= 0:
             return []
-        out = self._pop(keys=[self._owned, self._heartbeats, *self._lists],
-                        args=[limit, self._first_list(), self.consumer_id, self._next_delivery])
+        recovered = self._recover_in_doubt()
+        limit -= len(recovered)
+        if limit <= 0:
+            return recovered
+        first = self._next_delivery
+        try:
+            out = self._pop(keys=[self._owned, self._heartbeats, *self._lists],
+                            args=[limit, self._first_list(), self.consumer_id, first])
+        except (redis.ConnectionError, redis.TimeoutError):
+            # The reply is lost, not necessarily the pop: Redis may have run it (and written it to
+            # its AOF) just before it went away. Those messages now sit in our hash under ids
+            # first..first+limit-1, and this worker's heartbeat keeps them from being restored, so
+            # they are looked for on the next pops; their ids are never given out again (reusing
+            # one would overwrite a message we hold with another, and the first would be gone).
+            self._next_delivery = first + limit
+            self._in_doubt.append((first, limit, time.monotonic() + _IN_DOUBT_KEPT_S))
+            raise
         deliveries = [Delivery(tag=out[i].decode(), raw=out[i + 1]) for i in range(0, len(out), 2)]
         self._next_delivery += len(deliveries)
-        return deliveries
+        return recovered + deliveries
+
+    def _recover_in_doubt(self) -> list[Delivery]:
+        """The messages of pops whose reply was lost that did take them: found in our hash under their ids, delivered now."""
+        if not self._in_doubt:
+            return []
+        tags = [f"{self.consumer_id}.{seq}" for first, count, _ in self._in_doubt for seq in range(first, first + count)]
+        raws = self.client.hmget(self._owned, tags)
+        found = {tag: raw for tag, raw in zip(tags, raws, strict=True) if raw is not None}
+        # A range is looked at until it is found or for _IN_DOUBT_KEPT_S: a command whose
+        # connection broke can still be run by Redis a moment later, after our first look.
+        now = time.monotonic()
+        self._in_doubt = [
+            (first, count, until) for first, count, until in self._in_doubt
+            if now < until and not any(f"{self.consumer_id}.{seq}" in found for seq in range(first, first + count))
+        ]
+        return [Delivery(tag=tag, raw=raw) for tag, raw in found.items()]
 
     def _first_list(self) -> int:
         """0 (the top priority first), except on every ``lower_lane_every``-th pop: then the next lower list in turn."""

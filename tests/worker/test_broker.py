@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import redis
 
 from producer import keys
 from producer.messages import TaskMessages
@@ -163,6 +164,39 @@ def test_the_unacked_set_survives_a_redis_restart(tmp_path: Path) -> None:
     finally:
         queue.client.close()
         server.stop(kill=True)
+
+
+class _ReplyLost:
+    """The pop script as Redis runs it, with the reply lost on the way back (a crash after the AOF write)."""
+
+    def __init__(self, script, *, ran: bool) -> None:
+        self.script, self.ran = script, ran
+
+    def __call__(self, **kwargs):
+        if self.ran:
+            self.script(**kwargs)
+        raise redis.ConnectionError("Connection closed by server.")
+
+
+@pytest.mark.parametrize("ran", [True, False], ids=["pop-ran", "pop-never-ran"])
+def test_a_pop_whose_reply_was_lost_loses_no_message(queue: RedisQueue, ran: bool) -> None:
+    """Its messages are delivered by the next pop; a new pop never reuses its ids (that overwrote them)."""
+    ids = {f"job-{i}" for i in range(6)}
+    queue.client.lpush("vqa", *(_raw(i) for i in range(6)))
+    real = queue._pop
+    queue._pop = _ReplyLost(real, ran=ran)
+    with pytest.raises(redis.ConnectionError):
+        queue.pop(3)
+    queue._pop = real
+    taken = queue.pop(4) + queue.pop(4)
+    assert sorted(json.loads(d.raw)["headers"]["id"] for d in taken) == sorted(ids)
+    assert len({d.tag for d in taken}) == 6 and _unacked(queue) == 6
+    assert queue.pop(4) == []
+    # Found: no longer looked for. Never ran: looked for a while longer (Redis may run it late).
+    assert len(queue._in_doubt) == (0 if ran else 1)
+    for delivery in taken:
+        assert queue.ack(delivery.tag)
+    assert _unacked(queue) == 0 and len(held_messages(queue.client, "vqa")) == 0
 
 
 def _send_with_priority(redis_url: str, priorities: list[int]) -> list[str]:
