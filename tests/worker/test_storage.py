@@ -112,3 +112,24 @@ def test_an_unreadable_success_object_is_a_permanent_error_and_is_kept(store: tu
     failed = records.write(record("j5", failed=True))  # ... but the failure saying why can
     assert failed.created and failed.record.status == "failed"
     assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == b'{"job_id": "j5", "status": "succ'
+
+
+def test_a_batch_is_marked_started_as_celery_marks_it_and_a_success_stays(redis_url: str) -> None:
+    """mark_started writes a batch in two round trips; AsyncResult reads what store_result would have written."""
+    from celery.result import AsyncResult
+
+    from producer.celery_app import make_celery
+
+    app = make_celery(Settings(broker_url=redis_url, result_backend=redis_url))
+    try:
+        backend = app.backend
+        backend.store_result("done", {"answer": "a cat"}, "SUCCESS")
+        store = RecordStore(Settings(), s3_client=None, app=app)
+        store.mark_started(["j1", "j2", "done"])
+        assert [AsyncResult(job_id, app=app).state for job_id in ("j1", "j2", "done")] == ["STARTED", "STARTED", "SUCCESS"]
+        assert backend.get_task_meta("done")["result"] == {"answer": "a cat"}
+        meta = backend.get_task_meta("j1")
+        assert meta["task_id"] == "j1" and meta["result"] is None and meta["date_done"] is None
+        assert 0 < backend.client.ttl(backend.get_key_for_task("j1")) <= backend.expires
+    finally:
+        app.close()
