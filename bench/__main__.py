@@ -216,7 +216,8 @@ def run(profile: Profile, *, name: str, command: str, sections: set[str], torch_
                 result["meta"]["prefix_batch_size"] = pb
                 result["prefix_interleaved"] = interleaved_sharing(
                     st, st.env(model=model_dir, quantization=q, VQA_MAX_BATCH_SIZE=str(pb), VQA_MAX_NEW_TOKENS=str(profile.new_tokens)),
-                    loads["uniform"].files[: profile.prefix_images], per_image=PREFIX_QUESTIONS_PER_IMAGE, generation=gen, tag=f"{tag}-pfx")
+                    loads["uniform"].files[: profile.prefix_images], per_image=PREFIX_QUESTIONS_PER_IMAGE, generation=gen, tag=f"{tag}-pfx",
+                    rounds=profile.target_rounds)
             if "grid" in sections:
                 say(f"image grids: {profile.grid_images} images at each of full, 2x2, 2x1, 1x1")
                 grid_images = uniform_images[: profile.grid_images]

@@ -89,24 +89,37 @@ def _run(model: Any, batches: list[list[Any]], *, shared: bool, generation: Gene
 
 
 def interleaved_sharing(st: Stack, env: dict[str, str], files: list[str], *, per_image: tuple[int, ...],
-                        generation: GenerationSettings, tag: str) -> list[dict[str, Any]]:
-    """One row per questions-per-image count: end-to-end questions/s and image fetches per question, sharing off vs. on."""
-    runs: dict[bool, dict[int, dict[str, Any]]] = {}
-    for shared in (False, True):
-        worker_env = {**env, "VQA_SHARE_IMAGE_PREFIX": "true" if shared else "false"}
-        st.start_worker(worker_env)
-        _burst(st, worker_env, files[:2], 2, generation=generation, tag=f"{tag}-warm-{shared}")  # kernels, first fetches
-        runs[shared] = {count: _burst(st, worker_env, files, count, generation=generation, tag=f"{tag}-{shared}-{count}")
-                        for count in per_image}
+                        generation: GenerationSettings, tag: str, rounds: int = 3) -> list[dict[str, Any]]:
+    """One row per questions-per-image count: end-to-end questions/s and image fetches per question, sharing off vs. on.
+
+    Off and on alternate, ``rounds`` times (a worker restart each switch): one burst is a few
+    seconds, and on this shared machine single bursts moved more between runs than sharing
+    changes them. Medians per row, each round's speedup beside them.
+    """
+    bursts: dict[bool, dict[int, list[dict[str, Any]]]] = {False: {n: [] for n in per_image}, True: {n: [] for n in per_image}}
+    for round_no in range(rounds):
+        for shared in (False, True):
+            worker_env = {**env, "VQA_SHARE_IMAGE_PREFIX": "true" if shared else "false"}
+            st.start_worker(worker_env)
+            _burst(st, worker_env, files[:2], 2, generation=generation, tag=f"{tag}-warm-{shared}-{round_no}")  # kernels, first fetches
+            for count in per_image:
+                bursts[shared][count].append(_burst(st, worker_env, files, count, generation=generation, tag=f"{tag}-{shared}-{count}-{round_no}"))
     st.stop_worker()
     rows = []
     for count in per_image:
-        plain, shared = runs[False][count], runs[True][count]
+        plain, shared = bursts[False][count], bursts[True][count]
+
+        def median(runs: list[dict[str, Any]], name: str) -> float:
+            return round(statistics.median(run[name] for run in runs), 3)
+
         rows.append({
-            "questions_per_image": count, "images": len(files), "questions": plain["questions"],
-            "qps_without": plain["qps"], "qps_with": shared["qps"], "speedup": round(shared["qps"] / plain["qps"], 3),
-            "fetches_per_question_without": plain["fetches_per_question"], "fetches_per_question_with": shared["fetches_per_question"],
-            "mean_batch_size_with": shared["mean_batch_size"], "failed": plain["failed"] + shared["failed"],
+            "questions_per_image": count, "images": len(files), "questions": plain[0]["questions"], "rounds": rounds,
+            "qps_without": median(plain, "qps"), "qps_with": median(shared, "qps"),
+            "speedup": round(median(shared, "qps") / median(plain, "qps"), 3),
+            "speedup_per_round": [round(on["qps"] / off["qps"], 3) for off, on in zip(plain, shared, strict=True)],
+            "fetches_per_question_without": median(plain, "fetches_per_question"), "fetches_per_question_with": median(shared, "fetches_per_question"),
+            "mean_batch_size_without": median(plain, "mean_batch_size"), "mean_batch_size_with": median(shared, "mean_batch_size"),
+            "failed": sum(run["failed"] for run in plain + shared),
         })
     return rows
 

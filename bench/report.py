@@ -112,12 +112,15 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "## Shared image prefixes end to end, questions interleaved across images", "",
                   f"A worker at batch {result['meta'].get('prefix_batch_size')}; every image's questions submitted at once, interleaved "
                   "(img1-q1, img2-q1, ..., img1-q2, ...); `VQA_SHARE_IMAGE_PREFIX` off and on (one fetch per image for the jobs in the "
-                  "worker at once, the batcher puts one image's questions together). Questions/s: wall clock, submit to the last record.", "",
+                  "worker at once, the batcher puts one image's questions together). Questions/s: wall clock, submit to the last record; "
+                  f"medians of {interleaved[0].get('rounds', 1)} alternating off/on rounds, each round's speedup in the last column.", "",
                   "| questions/image | questions | q/s without | q/s with | speedup | image fetches/question without | with "
-                  "| mean batch (with) |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| mean batch without | with | speedup per round |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for row in interleaved:
             lines.append(f"| {row['questions_per_image']} | {row['questions']} | {row['qps_without']} | {row['qps_with']} | {row['speedup']}x "
-                         f"| {row['fetches_per_question_without']} | {row['fetches_per_question_with']} | {row['mean_batch_size_with']} |")
+                         f"| {row['fetches_per_question_without']} | {row['fetches_per_question_with']} "
+                         f"| {row.get('mean_batch_size_without', 'n/a')} | {row['mean_batch_size_with']} "
+                         f"| {', '.join(map(str, row.get('speedup_per_round', [])))} |")
     enqueue = result.get("enqueue")
     if enqueue:
         lines += ["", f"## Enqueue rate ({enqueue['jobs']} jobs)", "", "| path | jobs/s |", "|---|---:|"]
