@@ -108,20 +108,20 @@ def interleaved_sharing(st: Stack, env: dict[str, str], files: list[str], *, per
     rows = []
     for count in per_image:
         plain, shared = bursts[False][count], bursts[True][count]
-
-        def median(runs: list[dict[str, Any]], name: str) -> float:
-            return round(statistics.median(run[name] for run in runs), 3)
-
         rows.append({
             "questions_per_image": count, "images": len(files), "questions": plain[0]["questions"], "rounds": rounds,
-            "qps_without": median(plain, "qps"), "qps_with": median(shared, "qps"),
-            "speedup": round(median(shared, "qps") / median(plain, "qps"), 3),
+            "qps_without": _median(plain, "qps"), "qps_with": _median(shared, "qps"),
+            "speedup": round(_median(shared, "qps") / _median(plain, "qps"), 3),
             "speedup_per_round": [round(on["qps"] / off["qps"], 3) for off, on in zip(plain, shared, strict=True)],
-            "fetches_per_question_without": median(plain, "fetches_per_question"), "fetches_per_question_with": median(shared, "fetches_per_question"),
-            "mean_batch_size_without": median(plain, "mean_batch_size"), "mean_batch_size_with": median(shared, "mean_batch_size"),
+            "fetches_per_question_without": _median(plain, "fetches_per_question"), "fetches_per_question_with": _median(shared, "fetches_per_question"),
+            "mean_batch_size_without": _median(plain, "mean_batch_size"), "mean_batch_size_with": _median(shared, "mean_batch_size"),
             "failed": sum(run["failed"] for run in plain + shared),
         })
     return rows
+
+
+def _median(runs: list[dict[str, Any]], name: str) -> float:
+    return round(statistics.median(run[name] for run in runs), 3)
 
 
 def _burst(st: Stack, env: dict[str, str], files: list[str], count: int, *, generation: GenerationSettings, tag: str) -> dict[str, Any]:

@@ -200,8 +200,8 @@ class RedisQueue:
         self._lower_lane_every = lower_lane_every
         self._pops = 0
         self._next_delivery = 1
-        # Pops whose reply never came: (first delivery number, how many it could take, look until).
-        self._in_doubt: list[tuple[int, int, float]] = []
+        # Pops whose reply never came: (the delivery ids they would have used, look until).
+        self._in_doubt: list[tuple[list[str], float]] = []
         self._lists = keys.priority_queue_keys(queue)
         self._owned = keys.worker_unacked_key(queue, self.consumer_id)
         self._heartbeats = keys.heartbeats_key(queue)
@@ -242,7 +242,8 @@ class RedisQueue:
             # they are looked for on the next pops; their ids are never given out again (reusing
             # one would overwrite a message we hold with another, and the first would be gone).
             self._next_delivery = first + limit
-            self._in_doubt.append((first, limit, time.monotonic() + _IN_DOUBT_KEPT_S))
+            tags = [f"{self.consumer_id}.{seq}" for seq in range(first, first + limit)]  # as _POP names them
+            self._in_doubt.append((tags, time.monotonic() + _IN_DOUBT_KEPT_S))
             raise
         deliveries = [Delivery(tag=out[i].decode(), raw=out[i + 1]) for i in range(0, len(out), 2)]
         self._next_delivery += len(deliveries)
@@ -252,16 +253,13 @@ class RedisQueue:
         """The messages of pops whose reply was lost that did take them: found in our hash under their ids, delivered now."""
         if not self._in_doubt:
             return []
-        tags = [f"{self.consumer_id}.{seq}" for first, count, _ in self._in_doubt for seq in range(first, first + count)]
+        tags = [tag for pop_tags, _ in self._in_doubt for tag in pop_tags]
         raws = self.client.hmget(self._owned, tags)
         found = {tag: raw for tag, raw in zip(tags, raws, strict=True) if raw is not None}
         # A range is looked at until it is found or for _IN_DOUBT_KEPT_S: a command whose
         # connection broke can still be run by Redis a moment later, after our first look.
         now = time.monotonic()
-        self._in_doubt = [
-            (first, count, until) for first, count, until in self._in_doubt
-            if now < until and not any(f"{self.consumer_id}.{seq}" in found for seq in range(first, first + count))
-        ]
+        self._in_doubt = [(pop_tags, until) for pop_tags, until in self._in_doubt if now < until and found.keys().isdisjoint(pop_tags)]
         return [Delivery(tag=tag, raw=raw) for tag, raw in found.items()]
 
     def _first_list(self) -> int:

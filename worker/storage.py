@@ -242,6 +242,7 @@ class RecordStore:
                 self._backend_call(backend.store_result, job_id, None, "STARTED")
             return
         names = [backend.get_key_for_task(job_id) for job_id in job_ids]
+        meta = backend._get_result_meta(result=None, state="STARTED", traceback=None, request=None)  # the same for every job
 
         def write() -> None:
             current = client.mget(names)
@@ -249,7 +250,6 @@ class RecordStore:
             for job_id, name, raw in zip(job_ids, names, current, strict=True):
                 if raw is not None and backend.decode_result(raw).get("status") == "SUCCESS":
                     continue
-                meta = backend._get_result_meta(result=None, state="STARTED", traceback=None, request=None)
                 value = backend.encode({**meta, "task_id": job_id})
                 pipe.set(name, value, ex=backend.expires or None)
                 pipe.publish(name, value)  # as Celery's set does: AsyncResult listeners hear of it
