@@ -27,7 +27,7 @@ from typing import Any
 from bench.e2e import burst, enqueue_rates, memory_run, open_loop
 from bench.model import QUESTION, direct_throughput, load_images, padding_run, write_workloads
 from bench.grid import grid_markdown, image_grid_rows
-from bench.prefix import interleaved_sharing, prefix_sharing
+from bench.prefix import end_to_end_sharing, prefix_sharing
 from bench.report import markdown, pipeline_cpu_ms, plot, targets
 from bench.stack import stack
 
@@ -211,10 +211,10 @@ def run(profile: Profile, *, name: str, command: str, sections: set[str], torch_
                 say(f"shared image prefixes: {profile.prefix_images} images x {PREFIX_QUESTIONS_PER_IMAGE} questions")
                 result["prefix"] = prefix_sharing(model, uniform_images[: profile.prefix_images], per_image=PREFIX_QUESTIONS_PER_IMAGE,
                                                   batch=profile.latency_batch, rounds=profile.target_rounds, generation=gen)
-                say("shared image prefixes end to end, questions interleaved across images")
+                say("shared image prefixes end to end, questions image by image and interleaved across images")
                 pb = profile.latency_batch
                 result["meta"]["prefix_batch_size"] = pb
-                result["prefix_interleaved"] = interleaved_sharing(
+                result["prefix_end_to_end"] = end_to_end_sharing(
                     st, st.env(model=model_dir, quantization=q, VQA_MAX_BATCH_SIZE=str(pb), VQA_MAX_NEW_TOKENS=str(profile.new_tokens)),
                     loads["uniform"].files[: profile.prefix_images], per_image=PREFIX_QUESTIONS_PER_IMAGE, generation=gen, tag=f"{tag}-pfx",
                     rounds=profile.target_rounds)

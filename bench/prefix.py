@@ -6,11 +6,12 @@ image's questions together, the next image's filling the rest of the batch). Rep
 questions/s, the prompt tokens the language model computed per question, and how many greedy
 answers agree.
 
-:func:`interleaved_sharing` is the same comparison end to end, through a real worker: the
-questions arrive interleaved across images (img1-q1, img2-q1, ..., img1-q2, ...), as independent
-submissions do, so sharing depends on the batcher putting one image's questions together and on
-the worker fetching each image once (worker/imageshare.py); it also counts the image server's
-requests per question.
+:func:`end_to_end_sharing` is the same comparison end to end, through a real worker, with the
+questions submitted in two orders: image by image (img1-q1, img1-q2, ..., img2-q1, ...: what a
+bulk line's ``questions: [...]`` publishes) and interleaved across images (img1-q1, img2-q1, ...,
+img1-q2, ...: independent submissions), where sharing depends on an image's questions being in
+the worker at once, the batcher putting them together and the worker fetching the image once
+(worker/imageshare.py); it also counts the image server's requests per question.
 """
 
 from __future__ import annotations
@@ -88,28 +89,34 @@ def _run(model: Any, batches: list[list[Any]], *, shared: bool, generation: Gene
     }
 
 
-def interleaved_sharing(st: Stack, env: dict[str, str], files: list[str], *, per_image: tuple[int, ...],
-                        generation: GenerationSettings, tag: str, rounds: int = 3) -> list[dict[str, Any]]:
-    """One row per questions-per-image count: end-to-end questions/s and image fetches per question, sharing off vs. on.
+# Submission orders of the end-to-end rows: an image's questions together, or one question of every image at a time.
+ORDERS = ("image by image", "interleaved")
+
+
+def end_to_end_sharing(st: Stack, env: dict[str, str], files: list[str], *, per_image: tuple[int, ...],
+                       generation: GenerationSettings, tag: str, rounds: int = 3) -> list[dict[str, Any]]:
+    """One row per (submission order, questions-per-image count): end-to-end questions/s and image fetches per question, sharing off vs. on.
 
     Off and on alternate, ``rounds`` times (a worker restart each switch): one burst is a few
     seconds, and on this shared machine single bursts moved more between runs than sharing
     changes them. Medians per row, each round's speedup beside them.
     """
-    bursts: dict[bool, dict[int, list[dict[str, Any]]]] = {False: {n: [] for n in per_image}, True: {n: [] for n in per_image}}
+    cases = [(order, n) for order in ORDERS for n in per_image]
+    bursts: dict[bool, dict[tuple[str, int], list[dict[str, Any]]]] = {shared: {case: [] for case in cases} for shared in (False, True)}
     for round_no in range(rounds):
         for shared in (False, True):
             worker_env = {**env, "VQA_SHARE_IMAGE_PREFIX": "true" if shared else "false"}
             st.start_worker(worker_env)
-            _burst(st, worker_env, files[:2], 2, generation=generation, tag=f"{tag}-warm-{shared}-{round_no}")  # kernels, first fetches
-            for count in per_image:
-                bursts[shared][count].append(_burst(st, worker_env, files, count, generation=generation, tag=f"{tag}-{shared}-{count}-{round_no}"))
+            _burst(st, worker_env, files[:2], 2, order=ORDERS[1], generation=generation, tag=f"{tag}-warm-{shared}-{round_no}")  # kernels, first fetches
+            for order, count in cases:
+                bursts[shared][(order, count)].append(_burst(st, worker_env, files, count, order=order, generation=generation,
+                                                             tag=f"{tag}-{shared}-{ORDERS.index(order)}-{count}-{round_no}"))
     st.stop_worker()
     rows = []
-    for count in per_image:
-        plain, shared = bursts[False][count], bursts[True][count]
+    for order, count in cases:
+        plain, shared = bursts[False][(order, count)], bursts[True][(order, count)]
         rows.append({
-            "questions_per_image": count, "images": len(files), "questions": plain[0]["questions"], "rounds": rounds,
+            "order": order, "questions_per_image": count, "images": len(files), "questions": plain[0]["questions"], "rounds": rounds,
             "qps_without": _median(plain, "qps"), "qps_with": _median(shared, "qps"),
             "speedup": round(_median(shared, "qps") / _median(plain, "qps"), 3),
             "speedup_per_round": [round(on["qps"] / off["qps"], 3) for off, on in zip(plain, shared, strict=True)],
@@ -124,13 +131,15 @@ def _median(runs: list[dict[str, Any]], name: str) -> float:
     return round(statistics.median(run[name] for run in runs), 3)
 
 
-def _burst(st: Stack, env: dict[str, str], files: list[str], count: int, *, generation: GenerationSettings, tag: str) -> dict[str, Any]:
-    """Every image's ``count`` questions at once, interleaved across images; wall-clock questions/s to the last record."""
+def _burst(st: Stack, env: dict[str, str], files: list[str], count: int, *, order: str, generation: GenerationSettings,
+           tag: str) -> dict[str, Any]:
+    """Every image's ``count`` questions at once in one of :data:`ORDERS`; wall-clock questions/s to the last record."""
     base = st.image_urls[0.0]
+    pairs = [(q, name) for name in files for q in range(count)] if order == ORDERS[0] else [(q, name) for q in range(count) for name in files]
     requests = [
         {"image_url": f"{base}/{name}", "question": QUESTIONS[q % len(QUESTIONS)], "idempotency_key": f"{tag}-{q}-{name}",
          "generation": generation.model_dump()}
-        for q in range(count) for name in files
+        for q, name in pairs
     ]
     seen = len(st.image_requests[0.0])
     with st.client(env) as client:

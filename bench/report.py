@@ -107,20 +107,22 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {row['questions_per_image']} | {row['questions']} | {row['qps_without']} | {row['qps_with']} | {row['speedup']}x "
                          f"| {row['prompt_tokens_per_question_without']} | {row['prompt_tokens_per_question_with']} "
                          f"| {row['answers_agreeing']}/{row['questions']} | {', '.join(map(str, row.get('speedup_per_round', [])))} |")
-    interleaved = result.get("prefix_interleaved")
-    if interleaved:
-        lines += ["", "## Shared image prefixes end to end, questions interleaved across images", "",
-                  f"A worker at batch {result['meta'].get('prefix_batch_size')}; every image's questions submitted at once, interleaved "
-                  "(img1-q1, img2-q1, ..., img1-q2, ...); `VQA_SHARE_IMAGE_PREFIX` off and on (one fetch per image for the jobs in the "
-                  "worker at once, the batcher puts one image's questions together). Questions/s: wall clock, submit to the last record; "
-                  f"medians of {interleaved[0].get('rounds', 1)} alternating off/on rounds, each round's speedup in the last column.", "",
-                  "| questions/image | questions | q/s without | q/s with | speedup | image fetches/question without | with "
-                  "| mean batch without | with | speedup per round |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for row in interleaved:
-            lines.append(f"| {row['questions_per_image']} | {row['questions']} | {row['qps_without']} | {row['qps_with']} | {row['speedup']}x "
-                         f"| {row['fetches_per_question_without']} | {row['fetches_per_question_with']} "
-                         f"| {row.get('mean_batch_size_without', 'n/a')} | {row['mean_batch_size_with']} "
-                         f"| {', '.join(map(str, row.get('speedup_per_round', [])))} |")
+    shared_e2e = result.get("prefix_end_to_end")
+    if shared_e2e:
+        lines += ["", "## Shared image prefixes end to end", "",
+                  f"A worker at batch {result['meta'].get('prefix_batch_size')}; every image's questions submitted at once, image by image "
+                  "(img1-q1, img1-q2, ..., img2-q1, ...: what a bulk line's `questions: [...]` publishes) or interleaved across images "
+                  "(img1-q1, img2-q1, ..., img1-q2, ...: independent submissions); `VQA_SHARE_IMAGE_PREFIX` off and on (one fetch per "
+                  "image for the jobs in the worker at once, the batcher puts one image's questions together). Questions/s: wall clock, "
+                  f"submit to the last record; medians of {shared_e2e[0].get('rounds', 1)} alternating off/on rounds, each round's "
+                  "speedup in the last column.", "",
+                  "| order | questions/image | questions | q/s without | q/s with | speedup | image fetches/question without | with "
+                  "| mean batch without | with | speedup per round |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for row in shared_e2e:
+            lines.append(f"| {row['order']} | {row['questions_per_image']} | {row['questions']} | {row['qps_without']} | {row['qps_with']} "
+                         f"| {row['speedup']}x | {row['fetches_per_question_without']} | {row['fetches_per_question_with']} "
+                         f"| {row['mean_batch_size_without']} | {row['mean_batch_size_with']} "
+                         f"| {', '.join(map(str, row['speedup_per_round']))} |")
     enqueue = result.get("enqueue")
     if enqueue:
         lines += ["", f"## Enqueue rate ({enqueue['jobs']} jobs)", "", "| path | jobs/s |", "|---|---:|"]

@@ -61,6 +61,12 @@ def test_bench_tiny_profile_measures_every_section(tmp_path: Path) -> None:
     assert with_sharing == sorted(with_sharing, reverse=True) and len(set(with_sharing)) == 4
     assert prefix[5]["prompt_tokens_per_question_with"] < prefix[5]["prompt_tokens_per_question_without"] / 2
     assert all(row["agreement_rate"] == 1.0 for row in prefix.values())
+    # End to end: without sharing every job fetches its image; with it, an image's questions
+    # submitted together (a bulk line's order) are in the worker at once and fetch it once.
+    shared_e2e = {(row["order"], row["questions_per_image"]): row for row in result["prefix_end_to_end"]}
+    assert sorted(shared_e2e) == sorted((order, n) for order in ("image by image", "interleaved") for n in (1, 2, 3, 5))
+    assert all(row["failed"] == 0 and row["fetches_per_question_without"] == 1.0 for row in shared_e2e.values())
+    assert shared_e2e[("image by image", 5)]["fetches_per_question_with"] <= 0.5
 
     grid = {row["image_grid"]: row for row in json.loads((tmp_path / "grid" / "results.json").read_text())["grid"]}
     assert sorted(grid) == ["1x1", "2x1", "2x2", "full"]
