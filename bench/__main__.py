@@ -256,7 +256,7 @@ def _point(b: int, direct: dict[str, Any], e2e: dict[str, Any], delayed: dict[st
         **{f"e2e_cpu_ms_{name}": ms for name, ms in e2e["cpu_ms_per_job"].items()},
         **{f"e2e_cpu_ms_{stage}": ms for stage, ms in e2e["worker_cpu_ms_per_job"].items()},
         "e2e_cpu_ms_pipeline": pipeline_cpu_ms(e2e),
-        "e2e_s3_requests_per_job": e2e["s3_requests_per_job"],
+        "e2e_s3_requests_per_job": e2e["s3_requests_per_job"], "e2e_redis_commands_per_job": e2e["redis_commands_per_job"],
     }
 
 

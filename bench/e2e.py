@@ -31,11 +31,12 @@ def burst(stack: Stack, env: dict[str, str], *, files: list[str], delay_s: float
         requests = _requests(stack.image_urls[delay_s], files, tag=tag, generation=generation)
         # The scrapes of the worker's stage counters fall outside the window its process CPU is read over.
         stages_before = stack.worker_stage_cpu()
-        cpu_before, s3_before = stack.cpu(), stack.s3_requests()
+        cpu_before, s3_before, redis_before = stack.cpu(), stack.s3_requests(), stack.redis_commands()
         start = time.monotonic()
         ids = client.submit_many(requests)
     done = stack.listener.wait_for(ids, timeout=timeout)
     cpu_after = stack.cpu()
+    redis_commands = stack.redis_commands() - redis_before  # Counter subtraction: the commands run meanwhile
     stages_after = stack.worker_stage_cpu()
     time.sleep(0.2)  # the server writes its access-log line after the answer
     s3_requests = stack.s3_requests() - s3_before
@@ -44,7 +45,8 @@ def burst(stack: Stack, env: dict[str, str], *, files: list[str], delay_s: float
     # Inside the worker: its model, decoding and preprocessing, each timed on the thread that ran it.
     stages = {stage: round(1000 * (stages_after[stage] - stages_before[stage]) / len(ids), 1) for stage in stages_after}
     return {**summarize(start, list(done.values())), "cpu_ms_per_job": cpu, "worker_cpu_ms_per_job": stages,
-            "s3_requests_per_job": round(s3_requests / len(ids), 2)}
+            "s3_requests_per_job": round(s3_requests / len(ids), 2), "redis_commands_per_job": round(redis_commands.total() / len(ids), 2),
+            "redis_commands_per_job_by_name": {name: round(n / len(ids), 2) for name, n in redis_commands.most_common()}}
 
 
 def summarize(start: float, done: list[Done]) -> dict[str, Any]:

@@ -168,11 +168,13 @@ def _cpu_table(points: list[dict[str, Any]], *, torch_threads: int | None) -> li
                 "and the pipeline figure is exact." if exact else
                 "Torch ran its default intra-op threads: their helper threads' CPU is not in the model column, so the "
                 "pipeline figure is not shown (run with `--torch-threads 1`).")
-             + " S3 requests per job are counted from the S3 server's access log.", "",
+             + " S3 requests per job are counted from the S3 server's access log; Redis commands per job from the Redis "
+             "server's `INFO commandstats`, every client's (the producer's submission and the bench's result listener "
+             "included, as well as the worker's).", "",
              "| batch | direct (model + preprocessing) | e2e: worker | worker: model | worker: decode + preprocessing "
              "| worker: pipeline | e2e: S3 server | e2e: Redis | e2e: bench (client, listener, images) | e2e total "
-             "| direct / e2e total | S3 requests / job |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| direct / e2e total | S3 requests / job | Redis commands / job |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in points:
         total = sum(p.get(f"e2e_cpu_ms_{name}") or 0.0 for name in names)
         model, decode, preprocess = (p.get(f"e2e_cpu_ms_{stage}") for stage in ("model", "decode", "preprocess"))
@@ -182,7 +184,7 @@ def _cpu_table(points: list[dict[str, Any]], *, torch_threads: int | None) -> li
         lines.append(f"| {p['batch_size']} | {p['direct_cpu_ms_per_image']} | {p.get('e2e_cpu_ms_worker')} | {_cell(model)} "
                      f"| {_cell(inputs)} | {'**' + str(pipeline) + '**' if pipeline is not None else 'n/a'} | {cells} "
                      f"| {round(total, 1)} | {round(p['direct_cpu_ms_per_image'] / total, 3) if total else None} "
-                     f"| {p.get('e2e_s3_requests_per_job')} |")
+                     f"| {p.get('e2e_s3_requests_per_job')} | {_cell(p.get('e2e_redis_commands_per_job'))} |")
     return lines
 
 

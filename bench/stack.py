@@ -9,6 +9,7 @@ record: batch size, fetch and inference times) at no cost to the worker.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 import json
 import os
 import platform
@@ -148,6 +149,17 @@ class Stack:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
             text = response.read().decode()
         return stage_cpu_seconds(text)
+
+    def redis_commands(self) -> Counter[str]:
+        """Commands the Redis server has run so far, by name, from every client (its ``INFO commandstats``; this call not counted)."""
+        client = redis.Redis.from_url(self.redis.url)
+        try:
+            stats = client.info("commandstats")
+        finally:
+            client.close()
+        counts = Counter({name.removeprefix("cmdstat_"): int(entry["calls"]) for name, entry in stats.items()})
+        counts["info"] -= 1
+        return counts
 
     def s3_requests(self) -> int:
         """Requests the S3 server has answered so far (its access log: one line per request)."""

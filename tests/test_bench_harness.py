@@ -36,6 +36,8 @@ def test_bench_tiny_profile_measures_every_section(tmp_path: Path) -> None:
     assert point["direct_ips"] > 0 and point["e2e_ips"] > 0 and point["delay_ips"] > 0
     assert point["e2e_ratio"] > 0 and point["delay_ratio"] > 0
     assert point["e2e_s3_requests_per_job"] == 1.0  # first deliveries: the conditional create of the record, nothing else
+    # Every client's commands (submission, worker, listener): ~30 per job today; a per-job poll loop would show here.
+    assert 0 < point["e2e_redis_commands_per_job"] < 60
     for run in (*result["end_to_end"], *result["end_to_end_delay"]):
         assert run["failed"] == 0 and run["jobs"] == 12
         assert 0 < run["model_utilisation"] <= 1.5
