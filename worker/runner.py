@@ -6,9 +6,10 @@ Split in two so the model never waits for storage:
                         must land before the model runs: worker/counters.py), runs the engine,
                         builds the records; nothing else
     complete(finishing) the writer thread: resets the delivery counts of jobs the model came
-                        back from, waits for the batch's STARTED writes, stores the records
-                        (S3, then the result backend, then the ``on_stored`` hooks) on a small
-                        pool, and reports the batch to the hooks
+                        back from, waits for the batch's STARTED writes, reports the batch to
+                        the hooks and stores the records: each to S3 on a small pool, the
+                        batch's to the result backend at once, then each job's ``on_stored``
+                        hooks on the pool
 
 Every job gets its own outcome: a record written (then the message is acked), a retry later
 (the message stays unacked), or a hand-back to the queue. One bad job never fails its batch
@@ -302,7 +303,13 @@ class BatchRunner:
     # -- the writer thread ------------------------------------------------------------------
 
     def complete(self, finishing: Finishing) -> list[Outcome]:
-        """Store the records of an inferred batch; every outcome is final afterwards."""
+        """Store the records of an inferred batch; every outcome is final afterwards.
+
+        In steps, so Redis costs a few round trips per batch, not a few per job: each record to S3
+        (concurrently), the failed records beside the new successes deleted at once (where their
+        marks say one may exist), the batch's records to the result backend at once, then each
+        job's ``on_stored`` hooks (concurrently). A job whose step fails is handed back alone.
+        """
         if finishing.survived:
             self.counters.survived(finishing.survived)
         wait(finishing.status_writes)
@@ -310,14 +317,17 @@ class BatchRunner:
         # the batch by the time each job's on_stored comes.
         for report in finishing.reports:
             self.hooks.on_batch(report)
-        placeholders = [placeholder for placeholder, _ in finishing.to_store]
-        results = self._store_pool.map(lambda item: self._store(item[0].pending, item[1]), finishing.to_store)
-        for placeholder, stored in zip(placeholders, results, strict=True):
-            placeholder.action, placeholder.record = stored.action, stored.record
+        written = list(self._store_pool.map(lambda item: self._write(item[0].pending, item[1]), finishing.to_store))
+        stored = [(placeholder, found) for (placeholder, _), found in zip(finishing.to_store, written, strict=True) if found is not None]
+        stored = self._drop_failed(stored)
+        mirrored = self._mirror([found for _, found in stored])
+        settled = self._store_pool.map(lambda item: self._after_stored(item[0].pending, item[1], mirrored=mirrored), stored)
+        for (placeholder, _), outcome in zip(stored, settled, strict=True):
+            placeholder.action, placeholder.record = outcome.action, outcome.record
         return finishing.outcomes
 
-    def _store(self, pending: Pending, record: Record) -> Outcome:
-        """Store one job's record, then run the on_stored hooks; "ack" only when both are done.
+    def _write(self, pending: Pending, record: Record) -> Stored | None:
+        """The job's record in S3 (the authority); None when its message goes back instead.
 
         Whatever goes wrong here concerns this job alone: a transient failure hands its message
         back, an unexpected error too (logged with its traceback), and a record that cannot be
@@ -326,10 +336,58 @@ class BatchRunner:
         job_id = pending.job.job_id
         try:
             try:
-                stored = self._persist(pending, record)
+                return self._write_s3(pending, record)
             except PermanentError as exc:
                 log.error("job %s: %s", job_id, exc, extra={"job_id": job_id})
-                stored = self._persist(pending, self._record(pending, status="failed", error=exc, batch_size=record.batch_size))
+                return self._write_s3(pending, self._record(pending, status="failed", error=exc, batch_size=record.batch_size))
+        except TransientError as exc:
+            log.warning("job %s: giving its message back, record not stored: %s", job_id, exc, extra={"job_id": job_id})
+        except Exception:  # noqa: BLE001 - one job's surprise must not strand its batch
+            log.exception("job %s: storing its record failed unexpectedly; giving its message back", job_id, extra={"job_id": job_id})
+        return None
+
+    def _write_s3(self, pending: Pending, record: Record) -> Stored:
+        """S3, retried until it works or shutdown: an outage of our own stores never fails the job.
+
+        The answer is kept and the message stays unacked, so nothing is lost if the worker dies
+        meanwhile. A record that was found in S3 already (a redelivery) is not written again.
+        """
+        existing = pending.prepared.existing if pending.prepared is not None else None
+        if existing is not None and record is existing:
+            return Stored(existing, created=False)
+        # A created success's failed record, if any, is deleted for the batch at once (_drop_failed).
+        return self._retry_store(lambda: self.store.write(record, drop_failed=False), f"job {record.job_id}", "S3", job_id=record.job_id)
+
+    def _drop_failed(self, stored: list[tuple[Outcome, Stored]]) -> list[tuple[Outcome, Stored]]:
+        """Delete the failed records (where a mark says one may exist) of the batch's created successes at once; what may go on."""
+        created = [found.record.job_id for _, found in stored if found.created and found.record.status == "succeeded"]
+        try:
+            self.store.drop_failed(created)
+        except Exception:  # noqa: BLE001 - Redis and S3 errors are handled inside; a surprise hands these jobs back
+            log.exception("deleting the failed records beside %d new successes failed unexpectedly; giving their messages back", len(created))
+            going_back = set(created)
+            return [(placeholder, found) for placeholder, found in stored if found.record.job_id not in going_back]
+        return stored
+
+    def _mirror(self, stored: list[Stored]) -> bool:
+        """The batch's records into the result backend at once, retried until it works or shutdown; False: each job tries alone."""
+        if not stored:
+            return True
+        try:
+            self._retry_store(lambda: self.store.publish_batch([found.record for found in stored]), f"{len(stored)} jobs", "the result backend")
+            return True
+        except TransientError:
+            return False  # shutting down with the backend away: each job's own try gives its message back
+        except Exception:  # noqa: BLE001 - a batch's surprise must not strand its jobs
+            log.exception("writing %d records to the result backend failed unexpectedly; each job tries alone", len(stored))
+            return False
+
+    def _after_stored(self, pending: Pending, stored: Stored, *, mirrored: bool) -> Outcome:
+        """The job's ``on_stored`` hooks (after its own backend write when the batch's failed); "ack" only when all are done."""
+        job_id = pending.job.job_id
+        try:
+            if not mirrored:
+                self._retry_store(lambda: self.store.publish(stored.record), f"job {job_id}", "the result backend", job_id=job_id)
             self.hooks.on_stored(stored.record, job=pending.job, created=stored.created)
         except TransientError as exc:
             log.warning("job %s: giving its message back, record not stored: %s", job_id, exc, extra={"job_id": job_id})
@@ -346,22 +404,7 @@ class BatchRunner:
             self.counters.forget_submission(job_id)
         return Outcome(pending, "ack", record=stored.record)
 
-    def _persist(self, pending: Pending, record: Record) -> Stored:
-        """S3 first (the authority), then the result backend; each retried until it works or shutdown.
-
-        An outage of our own stores never fails the job: the answer is kept and the message stays
-        unacked, so nothing is lost if the worker dies meanwhile. A record that was found in S3
-        already (a redelivery) is not written again, only mirrored to the backend.
-        """
-        existing = pending.prepared.existing if pending.prepared is not None else None
-        if existing is not None and record is existing:
-            stored = Stored(existing, created=False)
-        else:
-            stored = self._retry_store(lambda: self.store.write(record), record.job_id, "S3")
-        self._retry_store(lambda: self.store.publish(stored.record), record.job_id, "the result backend")
-        return stored
-
-    def _retry_store(self, write: Callable[[], Any], job_id: str, where: str) -> Any:
+    def _retry_store(self, write: Callable[[], Any], what: str, where: str, *, job_id: str | None = None) -> Any:
         delay = 0.5
         while True:
             try:
@@ -369,7 +412,8 @@ class BatchRunner:
             except TransientError as exc:
                 if self.stopping.is_set():
                     raise
-                log.warning("storing job %s in %s failed (%s); retrying in %.1f s", job_id, where, exc, delay, extra={"job_id": job_id})
+                log.warning("storing %s in %s failed (%s); retrying in %.1f s", what, where, exc, delay,
+                            extra={"job_id": job_id} if job_id else None)
                 self._sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, _STORE_BACKOFF_CAP_S)
 

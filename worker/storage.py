@@ -84,8 +84,12 @@ class RecordStore:
         body = self._get(key)
         return None if body is None else parse_record(body, key=key)
 
-    def write(self, record: Record) -> Stored:
+    def write(self, record: Record, *, drop_failed: bool = True) -> Stored:
         """Write the record; return what S3 now holds for the job (the first success wins).
+
+        With ``drop_failed=False`` a created success leaves deleting a failed record of the job
+        to the caller (:meth:`drop_failed`, a batch at once), who must do it before the job counts
+        as done.
 
         Raises StorageUnavailable (retry) when S3 is away or a conditional create conflicted
         with no winner readable yet, and CorruptRecord when the success key holds an
@@ -103,23 +107,27 @@ class RecordStore:
                 raise StorageUnavailable(f"S3 refused to create {key} but holds no readable record yet")
             log.info("job %s already had a record; keeping the first", record.job_id, extra={"job_id": record.job_id})
             return Stored(winner, created=False)
-        self._drop_failed(record.job_id)
+        if drop_failed:
+            self.drop_failed([record.job_id])
         return Stored(record, created=True)
 
-    def _drop_failed(self, job_id: str) -> None:
-        """After a success was created: delete a failed record of the job, if one may exist."""
-        mark = keys.failed_mark_key(job_id)
+    def drop_failed(self, job_ids: list[str]) -> None:
+        """After successes were created: delete each job's failed record, if one may exist (one Redis round trip for the lot)."""
+        if not job_ids:
+            return
+        may_exist = job_ids
         if self.marks is not None:
             try:
-                if not self.marks.exists(mark):
-                    return
+                marks = self.marks.mget([keys.failed_mark_key(job_id) for job_id in job_ids])
+                may_exist = [job_id for job_id, mark in zip(job_ids, marks, strict=True) if mark is not None]
             except redis.RedisError:
                 pass  # cannot tell: delete, as without marks
-        if self._delete_quietly(keys.failed_key(self.prefix, job_id)) and self.marks is not None:
-            try:
-                self.marks.delete(mark)
-            except redis.RedisError:
-                pass  # a stale mark only costs a later success one DELETE
+        for job_id in may_exist:
+            if self._delete_quietly(keys.failed_key(self.prefix, job_id)) and self.marks is not None:
+                try:
+                    self.marks.delete(keys.failed_mark_key(job_id))
+                except redis.RedisError:
+                    pass  # a stale mark only costs a later success one DELETE
 
     def _write_failed(self, record: Record, body: bytes) -> Stored:
         """A failed record never stands next to a success: a redelivered copy that failed loses to one that succeeded.
@@ -219,37 +227,53 @@ class RecordStore:
 
     def publish(self, record: Record) -> None:
         """Mirror the record into the Celery result backend so ``AsyncResult(job_id)`` sees it."""
-        if record.status == "succeeded":
-            value: Any = record.model_dump(mode="json")
-            state = "SUCCESS"
-        else:
+        self.publish_batch([record])
+
+    def publish_batch(self, records: list[Record]) -> None:
+        """Mirror a batch's records into the result backend: its successes in two round trips, a failure as Celery stores it.
+
+        Failures are rare and carry an exception for ``AsyncResult.get()`` to raise, so they go
+        through Celery's own store_result, one by one.
+        """
+        successes = [record for record in records if record.status == "succeeded"]
+        self._write_states([(record.job_id, record.model_dump(mode="json")) for record in successes], "SUCCESS")
+        for record in records:
+            if record.status == "succeeded":
+                continue
             error = record.error
             message = f"{error.code}: {error.message}" if error else "failed"
-            value = JobFailed(message, record.model_dump(mode="json"))
             # Celery's own state for a revoked task: AsyncResult(...).state is REVOKED, get() raises.
             state = "REVOKED" if error is not None and error.code in STOPPED_CODES else "FAILURE"
-        self._backend_call(self.app.backend.store_result, record.job_id, value, state)
+            self._backend_call(self.app.backend.store_result, record.job_id, JobFailed(message, record.model_dump(mode="json")), state)
 
     def mark_started(self, job_ids: list[str]) -> None:
-        """A batch's STARTED states in two round trips, not Celery's two per job: what store_result writes, for the lot.
+        """A batch's STARTED states in two round trips; as store_result does, a job already in SUCCESS keeps it."""
+        self._write_states([(job_id, None) for job_id in job_ids], "STARTED")
 
-        As store_result does, a job whose backend state is already SUCCESS keeps it.
+    def _write_states(self, results: list[tuple[str, Any]], state: str) -> None:
+        """What Celery's store_result writes for each ``(job_id, result)``, in two round trips for the lot, not two per job.
+
+        As store_result does, a job whose backend state is already SUCCESS keeps it (a late
+        duplicate never overwrites the first answer), and each write is published for the
+        ``AsyncResult`` listeners, with the backend's expiry.
         """
+        if not results:
+            return
         backend = self.app.backend
         client = getattr(backend, "client", None)
-        if client is None or not job_ids:  # not a Redis backend: Celery's own call, job by job
-            for job_id in job_ids:
-                self._backend_call(backend.store_result, job_id, None, "STARTED")
+        if client is None:  # not a Redis backend: Celery's own call, job by job
+            for job_id, result in results:
+                self._backend_call(backend.store_result, job_id, result, state)
             return
-        names = [backend.get_key_for_task(job_id) for job_id in job_ids]
-        meta = backend._get_result_meta(result=None, state="STARTED", traceback=None, request=None)  # the same for every job
+        names = [backend.get_key_for_task(job_id) for job_id, _ in results]
 
         def write() -> None:
             current = client.mget(names)
             pipe = client.pipeline(transaction=False)
-            for job_id, name, raw in zip(job_ids, names, current, strict=True):
+            for (job_id, result), name, raw in zip(results, names, current, strict=True):
                 if raw is not None and backend.decode_result(raw).get("status") == "SUCCESS":
                     continue
+                meta = backend._get_result_meta(result=backend.encode_result(result, state), state=state, traceback=None, request=None)
                 value = backend.encode({**meta, "task_id": job_id})
                 pipe.set(name, value, ex=backend.expires or None)
                 pipe.publish(name, value)  # as Celery's set does: AsyncResult listeners hear of it

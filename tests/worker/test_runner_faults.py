@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from producer import keys
-from producer.errors import CorruptRecord, OutOfMemory, StorageUnavailable
+from producer.errors import BackendUnavailable, CorruptRecord, OutOfMemory, StorageUnavailable
 from producer.schema import GenerationSettings, Job, Record, utcnow
 from producer.settings import Settings
 from worker.counters import JobCounters
@@ -47,13 +47,18 @@ class FakeModel:
 class FakeStore:
     """Keeps records in memory; can fail a number of writes first, or fail some jobs for good."""
 
-    def __init__(self, *, failures: int = 0, corrupt: set[str] = frozenset(), broken: set[str] = frozenset()) -> None:
+    def __init__(self, *, failures: int = 0, corrupt: set[str] = frozenset(), broken: set[str] = frozenset(),
+                 backend_failures: int = 0, broken_backend: set[str] = frozenset()) -> None:
         self.records: dict[str, Record] = {}
+        self.published: list[list[str]] = []  # each result-backend write: the job ids it held
+        self.dropped: list[list[str]] = []  # each drop_failed call: the new successes it was for
+        self.backend_failures = backend_failures
+        self.broken_backend = broken_backend  # job ids whose backend write raises something unexpected
         self.failures = failures
         self.corrupt = corrupt  # job ids whose success key holds an unreadable object
         self.broken = broken  # job ids whose write raises something unexpected
 
-    def write(self, record: Record) -> Stored:
+    def write(self, record: Record, *, drop_failed: bool = True) -> Stored:
         if self.failures:
             self.failures -= 1
             raise StorageUnavailable("S3 put_object failed: 503")
@@ -64,8 +69,19 @@ class FakeStore:
         created = record.job_id not in self.records
         return Stored(self.records.setdefault(record.job_id, record), created=created)
 
+    def drop_failed(self, job_ids: list[str]) -> None:
+        self.dropped.append(list(job_ids))
+
     def publish(self, record: Record) -> None:
-        pass
+        self.publish_batch([record])
+
+    def publish_batch(self, records: list[Record]) -> None:
+        if self.backend_failures:
+            self.backend_failures -= 1
+            raise BackendUnavailable("result backend write failed: ConnectionError")
+        if any(record.job_id in self.broken_backend for record in records):
+            raise KeyError("a bug in the backend write")
+        self.published.append([record.job_id for record in records])
 
     def mark_started(self, job_ids: list[str]) -> None:
         pass
@@ -290,6 +306,24 @@ def test_one_jobs_unexpected_store_error_hands_back_that_job_alone(counters: red
     runner = make_runner(counters, model=FakeModel(), store=store)
     outcomes = {o.pending.job.job_id: o.action for o in runner.run([pending(job(i)) for i in range(4)])}
     assert outcomes == {"job-0": "ack", "job-1": "requeue", "job-2": "ack", "job-3": "ack"}
+
+
+def test_a_batchs_records_reach_the_result_backend_in_one_write_after_s3_and_an_outage_is_retried(counters: redis.Redis) -> None:
+    store = FakeStore(backend_failures=2)
+    runner = make_runner(counters, model=FakeModel(), store=store)
+    outcomes = {o.pending.job.job_id: o.action for o in runner.run([pending(job(i)) for i in range(4)])}
+    assert outcomes == {f"job-{i}": "ack" for i in range(4)}
+    assert store.published == [[f"job-{i}" for i in range(4)]] and sorted(store.records) == sorted(outcomes)
+    assert store.dropped == [[f"job-{i}" for i in range(4)]]  # the failed records beside them: one look for the batch
+
+
+def test_a_backend_write_that_breaks_for_one_record_hands_back_that_job_alone(counters: redis.Redis) -> None:
+    store = FakeStore(broken_backend={"job-2"})
+    runner = make_runner(counters, model=FakeModel(), store=store)
+    outcomes = {o.pending.job.job_id: o.action for o in runner.run([pending(job(i)) for i in range(4)])}
+    # The batch's write failed, then each job wrote its own: only the one that breaks it goes back.
+    assert outcomes == {"job-0": "ack", "job-1": "ack", "job-2": "requeue", "job-3": "ack"}
+    assert sorted(sum(store.published, [])) == ["job-0", "job-1", "job-3"]
 
 
 def test_an_unreadable_stored_record_ends_the_job_in_a_failed_record_and_acks_it(counters: redis.Redis) -> None:

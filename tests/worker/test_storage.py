@@ -133,3 +133,28 @@ def test_a_batch_is_marked_started_as_celery_marks_it_and_a_success_stays(redis_
         assert 0 < backend.client.ttl(backend.get_key_for_task("j1")) <= backend.expires
     finally:
         app.close()
+
+
+def test_a_batchs_records_are_published_as_celery_stores_them_and_a_success_stays(redis_url: str) -> None:
+    """publish_batch writes the successes in two round trips: what store_result writes, byte for byte but the date."""
+    from celery.result import AsyncResult
+
+    from producer.celery_app import make_celery
+
+    app = make_celery(Settings(broker_url=redis_url, result_backend=redis_url))
+    try:
+        backend = app.backend
+        backend.store_result("done", {"answer": "the first"}, "SUCCESS")
+        backend.store_result("by-celery", record("by-celery").model_dump(mode="json"), "SUCCESS")
+        store = RecordStore(Settings(), s3_client=None, app=app)
+        j1 = record("j1")
+        store.publish_batch([j1, record("done", answer="a late duplicate"), record("j2", failed=True)])
+        assert [AsyncResult(job_id, app=app).state for job_id in ("j1", "done", "j2")] == ["SUCCESS", "SUCCESS", "FAILURE"]
+        assert backend.get_task_meta("done")["result"] == {"answer": "the first"}
+        ours, celerys = backend.get_task_meta("j1"), backend.get_task_meta("by-celery")
+        assert {**ours, "task_id": None, "date_done": None} == {**celerys, "task_id": None, "date_done": None, "result": ours["result"]}
+        assert ours["result"] == j1.model_dump(mode="json") and ours["date_done"] is not None
+        assert AsyncResult("j1", app=app).get(timeout=1)["answer"] == "a cat"
+        assert 0 < backend.client.ttl(backend.get_key_for_task("j1")) <= backend.expires
+    finally:
+        app.close()

@@ -75,6 +75,18 @@ def test_a_marked_failure_is_replaced_by_a_later_success(settings: Settings, job
     assert not jobs_redis.exists(keys.failed_mark_key("j1"))
 
 
+def test_a_batchs_new_successes_delete_only_the_marked_failures_in_one_look(settings: Settings, jobs_redis: redis.Redis) -> None:
+    store, _ = _store(settings, jobs_redis)
+    store.write(record("b2", failed=True))
+    batch, requests = _store(settings, jobs_redis)
+    assert all(batch.write(record(job_id), drop_failed=False).created for job_id in ("b1", "b2", "b3"))
+    assert _current(settings) == {keys.result_key("", j) for j in ("b1", "b2", "b3")} | {keys.failed_key("", "b2")}
+    batch.drop_failed(["b1", "b2", "b3"])
+    assert requests == {"PutObject": 3, "DeleteObject": 1}  # the one marked failure, nothing for the others
+    assert _current(settings) == {keys.result_key("", j) for j in ("b1", "b2", "b3")}
+    assert not jobs_redis.exists(keys.failed_mark_key("b2"))
+
+
 def test_a_failure_after_a_success_is_dropped_with_marks(settings: Settings, jobs_redis: redis.Redis) -> None:
     store, _ = _store(settings, jobs_redis)
     store.write(record("j2"))
