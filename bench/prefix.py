@@ -43,20 +43,37 @@ def prefix_sharing(model: Any, images: list[Image.Image], *, per_image: tuple[in
     ``rounds`` off/on pairs back to back (the order alternating, so drift in the host's load
     falls on both); questions/s and the speedup are the medians, the per-round speedups kept.
     """
+    # The same batches with one new token: a prefill and nothing else. Sharing saves prefill
+    # only (every question still takes its own decode steps), so from the prefill times the
+    # speedup it can give at the full answer length follows; the measured one is set beside it.
+    one_token = generation.model_copy(update={"max_new_tokens": 1, "min_new_tokens": 1})
     rows = []
     for count in per_image:
         questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(count)]
         jobs = [model.prepare(image, question) for image in images for question in questions]
         batches = [jobs[start : start + batch] for start in range(0, len(jobs), batch)]
-        pairs = []
+        pairs, prefill_pairs = [], []
         for round_ in range(rounds):
             order = (False, True) if round_ % 2 == 0 else (True, False)
             runs = {shared: _run(model, batches, shared=shared, generation=generation) for shared in order}
             pairs.append((runs[False], runs[True]))
+            prefills = {shared: _run(model, batches, shared=shared, generation=one_token) for shared in order}
+            prefill_pairs.append((prefills[False], prefills[True]))
         plain, shared = pairs[0]
         speedups = [round(on["qps"] / off["qps"], 3) for off, on in pairs]
         agree = sum(a == b for a, b in zip(plain["answers"], shared["answers"], strict=True))
+        # Seconds per question, medians: full answers off, one token off and on.
+        full_off = 1 / statistics.median(off["qps"] for off, _ in pairs)
+        prefill_off = 1 / statistics.median(off["qps"] for off, _ in prefill_pairs)
+        prefill_on = 1 / statistics.median(on["qps"] for _, on in prefill_pairs)
         rows.append({
+            "qps_one_token_without": statistics.median(off["qps"] for off, _ in prefill_pairs),
+            "qps_one_token_with": statistics.median(on["qps"] for _, on in prefill_pairs),
+            "speedup_one_token": round(prefill_off / prefill_on, 3),
+            # The share of an unshared question's time past its first token: the decode steps.
+            "decode_share_without": round(1 - prefill_off / full_off, 3),
+            # Full answers, if sharing saved exactly the prefill time it saves with one token.
+            "speedup_expected_from_prefill": round(full_off / (full_off - (prefill_off - prefill_on)), 3),
             "questions_per_image": count,
             "images": len(images),
             "questions": len(plain["answers"]),

@@ -107,6 +107,16 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {row['questions_per_image']} | {row['questions']} | {row['qps_without']} | {row['qps_with']} | {row['speedup']}x "
                          f"| {row['prompt_tokens_per_question_without']} | {row['prompt_tokens_per_question_with']} "
                          f"| {row['answers_agreeing']}/{row['questions']} | {', '.join(map(str, row.get('speedup_per_round', [])))} |")
+    if prefix and "speedup_one_token" in prefix[0]:
+        lines += ["", "Where the time goes: the same batches with one new token (a prefill and nothing else), off and on, medians "
+                  "of the same rounds. Sharing saves prefill only, so the speedup it can give with full answers follows from "
+                  "the prefill time it saves; the measured speedup beside it.", "",
+                  "| questions/image | q/s, one token, without | with | speedup, one token | decode share of a question without "
+                  "| speedup expected from the prefill saved | measured speedup |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in prefix:
+            lines.append(f"| {row['questions_per_image']} | {row['qps_one_token_without']} | {row['qps_one_token_with']} "
+                         f"| {row['speedup_one_token']}x | {row['decode_share_without']:.0%} | {row['speedup_expected_from_prefill']}x "
+                         f"| {row['speedup']}x |")
     shared_e2e = result.get("prefix_end_to_end")
     if shared_e2e:
         lines += ["", "## Shared image prefixes end to end", "",
