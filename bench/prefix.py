@@ -73,7 +73,8 @@ def prefix_sharing(model: Any, images: list[Image.Image], *, per_image: tuple[in
             # The share of an unshared question's time past its first token: the decode steps.
             "decode_share_without": round(1 - prefill_off / full_off, 3),
             # Full answers, if sharing saved exactly the prefill time it saves with one token.
-            "speedup_expected_from_prefill": round(full_off / (full_off - (prefill_off - prefill_on)), 3),
+            # (None when noise made the one-token runs slower than the full ones by more than that.)
+            "speedup_expected_from_prefill": _expected_speedup(full_off, prefill_off - prefill_on),
             "questions_per_image": count,
             "images": len(images),
             "questions": len(plain["answers"]),
@@ -88,6 +89,12 @@ def prefix_sharing(model: Any, images: list[Image.Image], *, per_image: tuple[in
             "agreement_rate": round(agree / len(plain["answers"]), 4),
         })
     return rows
+
+
+def _expected_speedup(full_s: float, prefill_saved_s: float) -> float | None:
+    """Seconds per question with full answers, less the prefill seconds sharing saves: the speedup that leaves."""
+    left = full_s - prefill_saved_s
+    return round(full_s / left, 3) if left > 0 else None
 
 
 def _run(model: Any, batches: list[list[Any]], *, shared: bool, generation: GenerationSettings) -> dict[str, Any]:

@@ -115,7 +115,7 @@ def markdown(result: dict[str, Any]) -> str:
                   "| speedup expected from the prefill saved | measured speedup |", "|---:|---:|---:|---:|---:|---:|---:|"]
         for row in prefix:
             lines.append(f"| {row['questions_per_image']} | {row['qps_one_token_without']} | {row['qps_one_token_with']} "
-                         f"| {row['speedup_one_token']}x | {row['decode_share_without']:.0%} | {row['speedup_expected_from_prefill']}x "
+                         f"| {row['speedup_one_token']}x | {row['decode_share_without']:.0%} | {_cell(row['speedup_expected_from_prefill'])}x "
                          f"| {row['speedup']}x |")
     shared_e2e = result.get("prefix_end_to_end")
     if shared_e2e:

@@ -65,8 +65,8 @@ def test_bench_tiny_profile_measures_every_section(tmp_path: Path) -> None:
     assert all(row["agreement_rate"] == 1.0 for row in prefix.values())
     # The one-token (prefill alone) runs are measured for every row and the bound computed from them
     # (timings at this size are noise: only that they were taken, not how they compare).
-    assert all(row["qps_one_token_without"] > 0 and row["qps_one_token_with"] > 0 and row["speedup_expected_from_prefill"] > 0
-               for row in prefix.values())
+    assert all(row["qps_one_token_without"] > 0 and row["qps_one_token_with"] > 0 for row in prefix.values())
+    assert all(row["speedup_expected_from_prefill"] is None or row["speedup_expected_from_prefill"] > 0 for row in prefix.values())
     # End to end: without sharing every job fetches its image; with it, an image's questions
     # submitted together (a bulk line's order) are in the worker at once and fetch it once.
     shared_e2e = {(row["order"], row["questions_per_image"]): row for row in result["prefix_end_to_end"]}
