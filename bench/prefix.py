@@ -62,13 +62,13 @@ def prefix_sharing(model: Any, images: list[Image.Image], *, per_image: tuple[in
         plain, shared = pairs[0]
         speedups = [round(on["qps"] / off["qps"], 3) for off, on in pairs]
         agree = sum(a == b for a, b in zip(plain["answers"], shared["answers"], strict=True))
+        one_token_off = statistics.median(off["qps"] for off, _ in prefill_pairs)
+        one_token_on = statistics.median(on["qps"] for _, on in prefill_pairs)
         # Seconds per question, medians: full answers off, one token off and on.
-        full_off = 1 / statistics.median(off["qps"] for off, _ in pairs)
-        prefill_off = 1 / statistics.median(off["qps"] for off, _ in prefill_pairs)
-        prefill_on = 1 / statistics.median(on["qps"] for _, on in prefill_pairs)
+        full_off, prefill_off, prefill_on = 1 / statistics.median(off["qps"] for off, _ in pairs), 1 / one_token_off, 1 / one_token_on
         rows.append({
-            "qps_one_token_without": statistics.median(off["qps"] for off, _ in prefill_pairs),
-            "qps_one_token_with": statistics.median(on["qps"] for _, on in prefill_pairs),
+            "qps_one_token_without": one_token_off,
+            "qps_one_token_with": one_token_on,
             "speedup_one_token": round(prefill_off / prefill_on, 3),
             # The share of an unshared question's time past its first token: the decode steps.
             "decode_share_without": round(1 - prefill_off / full_off, 3),

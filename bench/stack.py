@@ -9,7 +9,6 @@ record: batch size, fetch and inference times) at no cost to the worker.
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 import json
 import os
 import platform
@@ -18,6 +17,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime

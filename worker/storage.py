@@ -235,11 +235,8 @@ class RecordStore:
         Failures are rare and carry an exception for ``AsyncResult.get()`` to raise, so they go
         through Celery's own store_result, one by one.
         """
-        successes = [record for record in records if record.status == "succeeded"]
-        self._write_states([(record.job_id, record.model_dump(mode="json")) for record in successes], "SUCCESS")
-        for record in records:
-            if record.status == "succeeded":
-                continue
+        self._write_states([(record.job_id, record.model_dump(mode="json")) for record in records if record.status == "succeeded"], "SUCCESS")
+        for record in (record for record in records if record.status != "succeeded"):
             error = record.error
             message = f"{error.code}: {error.message}" if error else "failed"
             # Celery's own state for a revoked task: AsyncResult(...).state is REVOKED, get() raises.
@@ -266,6 +263,8 @@ class RecordStore:
                 self._backend_call(backend.store_result, job_id, result, state)
             return
         names = [backend.get_key_for_task(job_id) for job_id, _ in results]
+        # Celery's meta but the result and the task id is the same for every job of the batch.
+        meta = backend._get_result_meta(result=None, state=state, traceback=None, request=None)
 
         def write() -> None:
             current = client.mget(names)
@@ -273,8 +272,7 @@ class RecordStore:
             for (job_id, result), name, raw in zip(results, names, current, strict=True):
                 if raw is not None and backend.decode_result(raw).get("status") == "SUCCESS":
                     continue
-                meta = backend._get_result_meta(result=backend.encode_result(result, state), state=state, traceback=None, request=None)
-                value = backend.encode({**meta, "task_id": job_id})
+                value = backend.encode({**meta, "result": backend.encode_result(result, state), "task_id": job_id})
                 pipe.set(name, value, ex=backend.expires or None)
                 pipe.publish(name, value)  # as Celery's set does: AsyncResult listeners hear of it
             pipe.execute()
