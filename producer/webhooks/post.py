@@ -15,7 +15,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 
 from producer.errors import ImageRejected, UpstreamUnavailable, WebhookRefused
 from worker.fetch import netguard
-from worker.fetch.download import Watchdog
+from worker.fetch.deadlines import Watchdog
 
 _CHUNK = 16 * 1024
 _TRANSPORT_ERRORS = (OSError, HTTPException, urllib3.exceptions.HTTPError)

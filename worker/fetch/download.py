@@ -10,13 +10,10 @@ ssl and botocore errors are translated here into :mod:`producer.errors`.
 
 from __future__ import annotations
 
-import socket
 import ssl
-import threading
 import time
 from dataclasses import dataclass
 from http.client import HTTPException
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin
 
@@ -27,6 +24,7 @@ from urllib3.util.ssl_match_hostname import CertificateError
 
 from producer.errors import FetchTimeout, ImageRejected, StorageUnavailable, UpstreamUnavailable, VQAError
 from worker.fetch import netguard
+from worker.fetch.deadlines import Watchdog
 from worker.fetch.netguard import IPAddress, Target, show
 
 if TYPE_CHECKING:
@@ -80,7 +78,7 @@ def _exchange(
         conn = _connection(target, ip, policy, timeout=min(policy.connect_timeout_s, left))
         try:
             # The watchdog is disarmed before any close, so it never shuts a reused descriptor.
-            with _Watchdog(conn, deadline) as watchdog:
+            with Watchdog(conn, deadline) as watchdog:
                 try:
                     try:
                         conn.connect()
@@ -115,7 +113,7 @@ def _connection(target: Target, ip: IPAddress, policy: FetchPolicy, *, timeout: 
     return HTTPConnection(str(ip), target.port, timeout=timeout)
 
 
-def _talk(conn: HTTPConnection, target: Target, policy: FetchPolicy, watchdog: _Watchdog, *, url: str) -> bytes | _Redirect:
+def _talk(conn: HTTPConnection, target: Target, policy: FetchPolicy, watchdog: Watchdog, *, url: str) -> bytes | _Redirect:
     # Per-recv timeout; the watchdog bounds their sum.
     conn.timeout = max(watchdog.remaining(), 0.001)
     conn.request(
@@ -188,63 +186,6 @@ def _translate(exc: BaseException, *, expired: bool, url: str, policy: FetchPoli
         return FetchTimeout(f"image host did not answer in time for {show(url)}", code="timeout")
     return UpstreamUnavailable(f"could not fetch {show(url)}: {exc}", code="connection_failed")
 
-
-class _Watchdog:
-    """Shut the connection's socket down at the deadline, so no read or handshake outlives it.
-
-    Socket timeouts bound each recv, not their sum: a server trickling one byte a second
-    never trips them. A shut socket makes every blocked call return at once.
-    """
-
-    def __init__(self, conn: HTTPConnection, deadline: float) -> None:
-        self._conn = conn
-        self._deadline = deadline
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="vqa-fetch-deadline", daemon=True)
-        self._sock: socket.socket | None = None
-        self.expired = False
-
-    def __enter__(self) -> _Watchdog:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: type[BaseException] | BaseException | TracebackType | None) -> None:
-        self.disarm()
-
-    def pin(self, sock: socket.socket) -> None:
-        """Watch ``sock`` from now on: http.client drops ``conn.sock`` once a response says
-        ``Connection: close``, although the response keeps reading from the same socket."""
-        self._sock = sock
-
-    def disarm(self) -> None:
-        """Stop and join the watchdog; call before closing the socket it watches."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def remaining(self) -> float:
-        return self._deadline - time.monotonic()
-
-    def _run(self) -> None:
-        if self._stop.wait(max(self.remaining(), 0.0)):
-            return
-        self.expired = True
-        # Repeat: at the deadline the TCP connect may still be in flight, with no socket yet.
-        while True:
-            sock = self._sock or self._conn.sock
-            if sock is not None:
-                try:
-                    # socket.socket's own shutdown, not SSLSocket's, which would also
-                    # unwrap TLS state the reading thread is using.
-                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            if self._stop.wait(0.05):
-                return
-
-
-# Webhook delivery (producer/webhooks/post.py) bounds its exchange the same way.
-Watchdog = _Watchdog
 
 # --------------------------------------------------------------------------- S3
 

@@ -13,6 +13,7 @@ resolve to rather than by how they look.
 from __future__ import annotations
 
 import ipaddress
+import queue
 import re
 import socket
 import threading
@@ -297,22 +298,15 @@ def resolve(host: str, port: int, *, timeout: float) -> list[IPAddress]:
 
 
 def _getaddrinfo(host: str, port: int, *, timeout: float) -> list[tuple[Any, ...]]:
-    # getaddrinfo has no timeout of its own and the resolver's can exceed the fetch deadline,
-    # so it runs in a daemon thread that is abandoned (and finishes on its own) if slow.
-    outcome: list[object] = []
-    done = threading.Event()
-
-    def work() -> None:
-        try:
-            outcome.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP))
-        except Exception as exc:  # handed to the waiting thread, which translates it
-            outcome.append(exc)
-        done.set()
-
-    threading.Thread(target=work, name="vqa-resolve", daemon=True).start()
-    if not done.wait(max(timeout, 0.0)):
-        raise FetchTimeout(f"looking up image host {host!r} took longer than the fetch deadline", code="timeout")
-    result = outcome[0]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        pass  # a name (or an address spelt oddly, which getaddrinfo reads): looked up below
+    else:
+        # An address in its usual spelling needs no lookup: answered here, in getaddrinfo's shape.
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (str(ip), port))]
+    result = _RESOLVER.lookup(host, port, timeout=timeout)
     if isinstance(result, socket.gaierror):
         if result.errno in _PERMANENT_GAI_ERRORS:
             raise ImageRejected(f"image host {host!r} does not exist (DNS: {result.strerror})", code="unknown_host") from result
@@ -321,8 +315,50 @@ def _getaddrinfo(host: str, port: int, *, timeout: float) -> list[tuple[Any, ...
         raise ImageRejected(f"image host {host!r} is not a valid host name", code="bad_url") from result
     if isinstance(result, Exception):
         raise UpstreamUnavailable(f"DNS lookup of image host {host!r} failed: {result}", code="connection_failed") from result
-    return result  # type: ignore[return-value]  # the only other thing work() appends
+    return result  # type: ignore[return-value]  # the only other thing _serve appends
 
+
+class _Resolver:
+    """DNS lookups on long-lived daemon threads, each within the caller's timeout.
+
+    getaddrinfo has no timeout of its own and the resolver's can exceed the fetch deadline, so
+    it runs on another thread that the caller abandons (it finishes on its own) if slow. The
+    threads are kept between lookups (a thread started per lookup costs about 0.3 ms of CPU,
+    issue 14); a lookup that finds none idle starts one, so a hung lookup never holds up others.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._lookups: queue.SimpleQueue[tuple[str, int, list[object], threading.Event]] = queue.SimpleQueue()
+
+    def lookup(self, host: str, port: int, *, timeout: float) -> object:
+        """getaddrinfo's answer, or the exception it raised; FetchTimeout past ``timeout``."""
+        outcome: list[object] = []
+        done = threading.Event()
+        with self._lock:
+            if self._idle:
+                self._idle -= 1  # claimed: every queued lookup has a thread of its own to run it
+            else:
+                threading.Thread(target=self._serve, name="vqa-resolve", daemon=True).start()
+        self._lookups.put((host, port, outcome, done))
+        if not done.wait(max(timeout, 0.0)):
+            raise FetchTimeout(f"looking up image host {host!r} took longer than the fetch deadline", code="timeout")
+        return outcome[0]
+
+    def _serve(self) -> None:
+        while True:
+            host, port, outcome, done = self._lookups.get()
+            try:
+                outcome.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP))
+            except Exception as exc:  # handed to the waiting thread, which translates it
+                outcome.append(exc)
+            done.set()
+            with self._lock:
+                self._idle += 1
+
+
+_RESOLVER = _Resolver()
 
 _PERMANENT_GAI_ERRORS = frozenset(
     code
