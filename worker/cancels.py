@@ -98,19 +98,25 @@ class CancelCheck:
         self._clock = clock
         self.revoked = revoked if revoked is not None else RevokedSet(ttl_s=7 * 24 * 3600)
 
-    def reasons(self, jobs: Sequence[Job]) -> dict[str, VQAError]:
-        """One Redis round trip for the lot; when Redis is away, deadlines and the in-memory revokes are checked."""
+    def reasons(self, jobs: Sequence[Job], *, markers: dict[str, bytes] | None = None, read_at: float | None = None) -> dict[str, VQAError]:
+        """One Redis round trip for the lot; when Redis is away, deadlines and the in-memory revokes are checked.
+
+        ``markers``: the jobs' revoke markers as the caller read them (:func:`producer.revokes.read_revokes`'s
+        answer) at ``read_at`` (:meth:`RevokedSet.now`), in a round trip it needed anyway: then none is made here.
+        """
         found = self._expired(jobs)
         rest = [job.job_id for job in jobs if job.job_id not in found]
         if not rest:
             return found
-        read_at = self.revoked.now()
-        try:
-            markers = read_revokes(self.client, rest)
-        except redis.RedisError as exc:
-            log.warning("cannot read cancels (%s); %d jobs checked against this worker's revokes only", type(exc).__name__, len(rest))
-            found.update(self._revoked_here(rest))
-            return found
+        if markers is None or read_at is None:
+            read_at = self.revoked.now()
+            try:
+                markers = read_revokes(self.client, rest)
+            except redis.RedisError as exc:
+                log.warning("cannot read cancels (%s); %d jobs checked against this worker's revokes only", type(exc).__name__, len(rest))
+                found.update(self._revoked_here(rest))
+                return found
+        markers = {job_id: marker for job_id, marker in markers.items() if job_id in rest}
         self.revoked.forget([job_id for job_id in rest if job_id not in markers], added_before=read_at)
         for job_id, marker in markers.items():
             found[job_id] = JobCancelled(f"cancelled{_describe(marker)} before it reached the model")

@@ -105,9 +105,19 @@ class JobCounters:
     def history(self, job_id: str) -> JobHistory:
         """The job's counts before this delivery, in one round trip; a first delivery's (0, 0) when Redis is away."""
         try:
-            deliveries, executions = self.client.mget(keys.deliveries_key(job_id), keys.executions_key(job_id))
+            return self.history_from(self.client.mget(self.history_keys(job_id)))
         except redis.RedisError:
             return JobHistory(earlier_deliveries=0, executions=0)
+
+    @staticmethod
+    def history_keys(job_id: str) -> list[str]:
+        """The keys :meth:`history` reads, for a caller that reads them in a round trip of its own (worker/preparing.py)."""
+        return [keys.deliveries_key(job_id), keys.executions_key(job_id)]
+
+    @staticmethod
+    def history_from(values: list[bytes | None]) -> JobHistory:
+        """The history from the values of :meth:`history_keys`, in that order."""
+        deliveries, executions = values
         return JobHistory(earlier_deliveries=int(deliveries or 0), executions=int(executions or 0))
 
     def earlier_deliveries(self, job_id: str) -> int:

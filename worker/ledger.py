@@ -31,6 +31,8 @@ class SettlesByTag(Protocol):
 
     def ack(self, tag: str) -> bool: ...
 
+    def ack_many(self, tags: list[str]) -> list[bool]: ...
+
     def requeue(self, tag: str) -> bool: ...
 
 
@@ -86,10 +88,33 @@ class Ledger:
 
     def settle(self, job_id: str, action: Action, *, received_at: float | None = None) -> None:
         """Ack (the record is stored) or requeue every delivery of the job this worker holds."""
-        for tag in self._tags.pop(job_id, []):
-            self._settle_tag(tag, action)
-        if received_at is not None:
-            self._note_hold(time.monotonic() - received_at)
+        self.settle_many([(job_id, action, received_at)])
+
+    def settle_many(self, settles: list[tuple[str, Action, float | None]]) -> None:
+        """:meth:`settle` for each (job id, action, received at); the acks go to Redis in one round trip (issue 14)."""
+        acks: list[str] = []
+        for job_id, action, received_at in settles:
+            for tag in self._tags.pop(job_id, []):
+                if action == "ack":
+                    acks.append(tag)
+                else:
+                    self._settle_tag(tag, action)
+            if received_at is not None:
+                self._note_hold(time.monotonic() - received_at)
+        if not acks:
+            return
+        if self._unsettled:  # behind earlier failures, wait in line: Redis is probably still away
+            self._unsettled.extend((tag, "ack") for tag in acks)
+            return
+        try:
+            owned = self._queue.ack_many(acks)
+        except Exception as exc:  # noqa: BLE001 - any broker error: keep them and retry on the next tick
+            self.stats.settle_failures += 1
+            log.warning("could not ack %d messages (%s: %s); retrying", len(acks), type(exc).__name__, exc)
+            self._unsettled.extend((tag, "ack") for tag in acks)
+            return
+        for tag, mine in zip(acks, owned, strict=True):
+            self._count(tag, "ack", owned=mine)
 
     def retry_unsettled(self) -> None:
         """Settle what could not be settled before, in order; stop at the first failure (Redis still away)."""
@@ -114,15 +139,17 @@ class Ledger:
             if not quiet:
                 log.warning("could not %s message %s (%s: %s); retrying", action, tag, type(exc).__name__, exc)
             return False
+        self._count(tag, action, owned=owned)
+        return True
+
+    def _count(self, tag: str, action: Action, *, owned: bool) -> None:
         if not owned:
             self.stats.refused_settles += 1
             log.warning("%s of message %s refused: it is no longer this worker's (restored to another after a missed heartbeat)", action, tag)
-            return True
-        if action == "ack":
+        elif action == "ack":
             self.stats.acked += 1
         else:
             self.stats.requeued += 1
-        return True
 
     def _note_hold(self, held_s: float) -> None:
         # No warning however long: a live worker keeps its messages (its heartbeat says it is alive).

@@ -24,11 +24,14 @@ import logging
 import time
 from typing import Any
 
+import redis
+
+from producer import keys
 from producer.errors import CorruptRecord, PermanentError, StorageUnavailable, VQAError
 from producer.image_grid import FULL, effective_grid
 from producer.schema import Job
 from worker.cancels import CancelCheck
-from worker.counters import JobCounters
+from worker.counters import JobCounters, JobHistory
 from worker.cputime import CpuAccount
 from worker.engine import Engine, ImageFirstEngine
 from worker.fetch.images import FetchPolicy, decode_image, fetch_bytes
@@ -66,10 +69,9 @@ class JobPreparer:
             return Prepared(error=PermanentError(f"could not prepare the job: {type(exc).__name__}", code="internal_error"))
 
     def _prepare(self, job: Job) -> Prepared:
-        stopped = self.cancels.reasons([job]).get(job.job_id)
+        stopped, history = self._look_up(job)
         if stopped is not None:
             return Prepared(error=stopped)
-        history = self.counters.history(job.job_id)
         if history.executions == 0:
             # Never counted as run: no success record can exist (unless Redis lost the count, when
             # the conditional create still keeps the first record and the answer comes from it).
@@ -88,6 +90,21 @@ class JobPreparer:
         if existing is not None:
             return Prepared(existing=existing)
         return self._fetch_and_prepare(job, earlier=history.earlier_deliveries)
+
+    def _look_up(self, job: Job) -> tuple[VQAError | None, JobHistory]:
+        """Steps 1 and 2's reads in one Redis round trip (a round trip costs ~0.2 ms of CPU, issue 14): its revoke marker and counts."""
+        read_at = self.cancels.revoked.now()
+        try:
+            revoked, *counts = self.counters.client.mget([keys.revoked_key(job.job_id), *JobCounters.history_keys(job.job_id)])
+        except redis.RedisError as exc:
+            # What each read does when Redis is away: this worker's revokes and the deadline, and
+            # the counts of a first delivery (worker/cancels.py, worker/counters.py).
+            log.warning("job %s: cannot read its cancel and counts (%s); checked against this worker's revokes only",
+                        job.job_id, type(exc).__name__, extra={"job_id": job.job_id})
+            return self.cancels.local_reasons([job]).get(job.job_id), JobHistory(earlier_deliveries=0, executions=0)
+        markers = {job.job_id: revoked} if revoked is not None else {}
+        stopped = self.cancels.reasons([job], markers=markers, read_at=read_at).get(job.job_id)
+        return stopped, JobCounters.history_from(counts)
 
     def _fetch_and_prepare(self, job: Job, *, earlier: int) -> Prepared:
         if self.images is not None:

@@ -78,6 +78,7 @@ class BatchStats:
     retries: int = 0  # transient failures given another attempt
     poisoned: int = 0  # jobs quarantined after too many deliveries
     slowest_batch_s: float = 0.0  # longest generate call: the visibility timeout must cover it
+    last_batch_s: float = 0.0  # the latest generate call: how often a busy worker looks at an empty queue (worker/consumer.py)
     generate_started_at: float | None = None  # time.monotonic() of the generate call in progress (worker/health.py)
 
 
@@ -190,6 +191,7 @@ class BatchRunner:
             self.stats.generate_started_at = None
         elapsed = time.monotonic() - started
         self.stats.slowest_batch_s = max(self.stats.slowest_batch_s, elapsed)
+        self.stats.last_batch_s = elapsed
         finishing.survived.extend(pending.job.job_id for pending, _ in runs)
         self._survivors.extend(pending.job.job_id for pending, _ in runs)
         prepared = [pending.prepared or Prepared() for pending, _ in runs]

@@ -38,6 +38,9 @@ class FakeChannel:
         self.acked.add(tag)
         return True
 
+    def ack_many(self, tags: list[str]) -> list[bool]:
+        return [self.ack(tag) for tag in tags]
+
     def heartbeat(self) -> bool:
         return False
 

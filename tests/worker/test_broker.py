@@ -82,6 +82,14 @@ def test_ack_forgets_and_requeue_puts_back_at_the_head(queue: RedisQueue) -> Non
     assert again.raw == second.raw and again.tag != second.tag  # back at the head; a new delivery
 
 
+def test_a_batch_of_acks_answers_per_tag(queue: RedisQueue) -> None:
+    queue.client.lpush("vqa", *(_raw(i) for i in range(3)))
+    first, second, third = queue.pop(3)
+    assert queue.ack(second.tag)
+    assert queue.ack_many([first.tag, second.tag, third.tag]) == [True, False, True]  # the second was no longer held
+    assert _unacked(queue) == 0 and queue.client.llen("vqa") == 0
+
+
 def test_a_silent_workers_messages_come_back_and_its_late_settles_are_refused(queue: RedisQueue, other: RedisQueue) -> None:
     queue.client.lpush("vqa", *(_raw(i) for i in range(3)))
     held = queue.pop(3)

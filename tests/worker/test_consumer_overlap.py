@@ -189,3 +189,41 @@ def test_a_rejected_entry_is_dead_lettered_and_its_neighbours_run() -> None:
         thread.join(10)
     [(tag, reason)] = channel.dead
     assert tag == "junk" and "not JSON" in reason
+
+
+class _CountingChannel(FakeChannel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pops: list[float] = []
+
+    def pop(self, limit: int) -> list[Delivery]:
+        self.pops.append(time.monotonic())
+        return super().pop(limit)
+
+
+def test_a_busy_model_looks_at_an_empty_queue_less_often() -> None:
+    """An empty queue is polled every 50 ms while the model idles; while it is busy, a job taken now would wait
+    for the running batch anyway: the pause doubles up to half that batch's run time (issue 14: each look costs CPU)."""
+    runner = FakeRunner()
+    runner.stats.last_batch_s = 0.5
+    channel = _CountingChannel()
+    consumer = BatchingConsumer(settings=Settings(), runner=runner, prepare=lambda job: Prepared(inputs=object(), cost=1),  # type: ignore[arg-type]
+                                stopping=threading.Event(), broker=channel, cancels=NoCancels())  # type: ignore[arg-type]
+
+    def pauses(looks: int) -> list[float]:
+        channel.pops.clear()
+        while len(channel.pops) < looks:
+            if consumer._receive() == 0:
+                time.sleep(max(consumer._next_pop - time.monotonic(), 0.0))
+        return [round(later - earlier, 2) for earlier, later in zip(channel.pops, channel.pops[1:])]
+
+    idle = pauses(4)
+    assert all(0.04 <= pause < 0.15 for pause in idle), idle  # no doubling: the third would be 0.2
+    consumer._handed = 1  # a batch is in the model
+    busy = pauses(6)
+    for pause, expected in zip(busy, [0.05, 0.1, 0.2], strict=False):
+        assert expected - 0.01 <= pause < expected + 0.1, busy
+    assert all(0.24 <= pause < 0.4 for pause in busy[3:]), busy  # capped at half the last batch, 0.25 s, not 0.4 or 0.8
+    channel.waiting.append(delivery(_job("late.png")))
+    assert consumer._receive() == 1
+    assert consumer._next_pop <= time.monotonic()  # after messages the queue is looked at again at once

@@ -11,6 +11,7 @@ class FakeQueue:
         self.owned = owned
         self.acked: list[str] = []
         self.requeued: list[str] = []
+        self.ack_calls = 0
 
     def ack(self, tag: str) -> bool:
         if self.broken:
@@ -18,6 +19,12 @@ class FakeQueue:
         if self.owned:
             self.acked.append(tag)
         return self.owned
+
+    def ack_many(self, tags: list[str]) -> list[bool]:
+        if self.broken:
+            raise ConnectionError("broker gone")
+        self.ack_calls += 1
+        return [self.ack(tag) for tag in tags]
 
     def requeue(self, tag: str) -> bool:
         if self.broken:
@@ -58,3 +65,30 @@ def test_a_settle_redis_refuses_is_counted_and_not_retried() -> None:
     ledger.settle("late", "ack", received_at=0.0)  # monotonic 0: held for ages
     assert ledger.stats.refused_settles == 1 and ledger.stats.acked == 0 and ledger.unsettled == 0
     assert ledger.stats.max_hold_s > 5
+
+
+def test_a_batchs_acks_are_one_call_and_a_failed_one_is_retried_in_order() -> None:
+    channel = FakeQueue()
+    ledger = Ledger(channel)
+    for name in ("a", "b", "c", "d"):
+        ledger.hold(name, f"t-{name}")
+    ledger.hold("a", "t-a2")  # a duplicate delivery settles with its job
+    ledger.settle_many([("a", "ack", None), ("b", "requeue", None), ("c", "ack", None)])
+    assert channel.ack_calls == 1 and channel.acked == ["t-a", "t-a2", "t-c"] and channel.requeued == ["t-b"]
+    assert ledger.stats.acked == 3 and ledger.stats.requeued == 1
+
+    channel.broken = True
+    ledger.settle_many([("d", "ack", None)])
+    assert ledger.unsettled == 1 and ledger.stats.settle_failures == 1
+    channel.broken = False
+    ledger.retry_unsettled()
+    assert channel.acked[-1] == "t-d" and ledger.unsettled == 0 and len(ledger) == 0
+
+
+def test_a_refused_ack_in_a_batch_is_counted_and_the_others_are_acked() -> None:
+    channel = FakeQueue(owned=False)
+    ledger = Ledger(channel)
+    ledger.hold("x", "t-x")
+    ledger.hold("y", "t-y")
+    ledger.settle_many([("x", "ack", None), ("y", "ack", None)])
+    assert ledger.stats.refused_settles == 2 and ledger.stats.acked == 0 and ledger.unsettled == 0

@@ -151,3 +151,47 @@ def test_a_job_that_ran_before_is_answered_from_its_record(settings: Settings, j
     prepared = preparer(_job("ran", image_base_url))
     assert prepared.existing is not None and prepared.existing.answer == "a cat"
     assert requests == {"GetObject": 1} and prepared.inputs is None
+
+
+def _recording(client: redis.Redis) -> list[str]:
+    """The commands ``client`` sends from now on, by name."""
+    sent: list[str] = []
+    send = client.execute_command
+
+    def execute_command(*args: Any, **options: Any) -> Any:
+        sent.append(str(args[0]).upper())
+        return send(*args, **options)
+
+    client.execute_command = execute_command  # type: ignore[method-assign]
+    return sent
+
+
+def test_a_jobs_cancel_and_counts_are_read_in_one_round_trip(settings: Settings, jobs_redis: redis.Redis, image_base_url: str) -> None:
+    preparer, _ = _preparer(settings, jobs_redis)
+    jobs_redis.set(keys.deliveries_key("twice"), 2)  # as two deliveries that never came back left it
+    sent = _recording(jobs_redis)
+    prepared = preparer(_job("twice", image_base_url))
+    assert sent == ["MGET"]
+    assert prepared.error is None and prepared.earlier_deliveries == 2
+
+
+def test_a_cancelled_job_is_not_fetched(settings: Settings, jobs_redis: redis.Redis, image_base_url: str) -> None:
+    from producer.errors import JobCancelled
+    from producer.revokes import write_revokes
+
+    preparer, requests = _preparer(settings, jobs_redis)
+    write_revokes(jobs_redis, ["gone"], ttl_s=60, by="a test")
+    prepared = preparer(_job("gone", image_base_url))
+    assert isinstance(prepared.error, JobCancelled) and "a test" in prepared.error.message
+    assert prepared.inputs is None and prepared.fetch_ms is None and not requests
+
+
+def test_with_redis_away_a_job_revoked_here_is_still_not_fetched(settings: Settings, image_base_url: str) -> None:
+    from producer.errors import JobCancelled
+
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    preparer, _ = _preparer(settings, dead)
+    preparer.cancels.revoked.add(["gone-here"])
+    assert isinstance(preparer(_job("gone-here", image_base_url)).error, JobCancelled)
+    fresh = preparer(_job("fresh-here", image_base_url))
+    assert fresh.error is None and fresh.inputs is not None  # counted as a first delivery
