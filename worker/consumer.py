@@ -23,7 +23,7 @@ Threads, and what each one owns:
     writer           BatchRunner.complete for each inferred batch, in order, while the model
                      runs the next one; with the runner's pools:
       status         STARTED writes to the result backend and on_started hooks, in order
-      store pool     S3 and result-backend writes and on_stored hooks, per job
+      store pool     S3 writes, per job (on_stored hooks: the writer thread, per batch)
     events           Celery events (worker/events.py), when VQA_SEND_EVENTS is on
     control          Celery remote control (worker/control.py): reads the job board, writes
                      revokes into the in-memory set (worker/cancels.py)

@@ -12,8 +12,12 @@ registered hook, in registration order, at these points:
                               a transient failure gets the job another attempt (consumer thread)
     on_stored(record, job, created)
                               the job's record is in S3 and the result backend, and its message is
-                              not acked yet (a store thread); ``created`` is False when the record
+                              not acked yet (the writer thread); ``created`` is False when the record
                               already existed (a redelivery, or a duplicate)
+                              A hook whose work can serve a batch at once (one Redis round trip,
+                              not one per job) overrides ``on_stored_batch(stored)`` instead: the
+                              batch's stored jobs, on the writer thread; its default calls
+                              ``on_stored`` per job
     on_batch(report)          the model finished a batch; called before its jobs' on_stored
                               (writer thread)
     on_worker_stop()          the consumer has stopped (main thread)
@@ -26,6 +30,7 @@ Rules, so that a hook can never slow the model or lose a job:
   first: if it raises :class:`producer.errors.TransientError`, the message is handed back
   and the redelivery calls ``on_stored`` again with ``created=False`` (the hook dedupes).
   That gives at-least-once side effects. Any other exception is logged and ignored.
+  ``on_stored_batch`` returns, per job, the TransientError that hands its message back, or None.
 * An exception from any other point is logged and ignored: hooks are observers.
 """
 
@@ -66,6 +71,15 @@ class BatchReport:
     preprocess_s: tuple[float, ...] = ()  # each job's preprocessing (tiles, prompt) on the fetch pool
 
 
+@dataclass(frozen=True)
+class StoredJob:
+    """One job whose record is stored: what ``on_stored`` is called with."""
+
+    record: Record
+    job: Job
+    created: bool
+
+
 class Hook:
     """No-op base: override the points you need (see the module docstring for threads and rules)."""
 
@@ -86,6 +100,20 @@ class Hook:
 
     def on_stored(self, record: Record, *, job: Job, created: bool) -> None:
         pass
+
+    def on_stored_batch(self, stored: Sequence[StoredJob]) -> list[TransientError | None]:
+        """``on_stored`` for each job; per job, the transient failure that hands its message back (or None)."""
+        failures: list[TransientError | None] = []
+        for item in stored:
+            try:
+                self.on_stored(item.record, job=item.job, created=item.created)
+            except TransientError as exc:
+                failures.append(exc)
+                continue
+            except Exception:  # noqa: BLE001 - as in Hooks._each: an observer's bug is logged, the job goes on
+                log.exception("hook %s.on_stored failed", type(self).__name__)
+            failures.append(None)
+        return failures
 
     def on_batch(self, report: BatchReport) -> None:
         pass
@@ -127,17 +155,27 @@ class Hooks(Hook):
 
     def on_stored(self, record: Record, *, job: Job, created: bool) -> None:
         """Every hook runs; the first transient failure is raised after all have run (the message is handed back)."""
-        transient: TransientError | None = None
+        [failure] = self.on_stored_batch([StoredJob(record, job, created)])
+        if failure is not None:
+            raise failure
+
+    def on_stored_batch(self, stored: Sequence[StoredJob]) -> list[TransientError | None]:
+        """Every hook's on_stored for the batch; per job, the first transient failure (its message is handed back)."""
+        first: list[TransientError | None] = [None] * len(stored)
         for hook in self.hooks:
             try:
-                hook.on_stored(record, job=job, created=created)
+                failures = hook.on_stored_batch(stored)
             except TransientError as exc:
-                log.warning("hook %s.on_stored: %s; the job's message goes back", type(hook).__name__, exc)
-                transient = transient or exc
+                failures = [exc] * len(stored)
             except Exception:  # noqa: BLE001 - as in _each
                 log.exception("hook %s.on_stored failed", type(hook).__name__)
-        if transient is not None:
-            raise transient
+                continue
+            for index, (item, failure) in enumerate(zip(stored, failures, strict=True)):
+                if failure is not None:
+                    log.warning("hook %s.on_stored: %s; the job's message goes back", type(hook).__name__, failure,
+                                extra={"job_id": item.job.job_id})
+                    first[index] = first[index] or failure
+        return first
 
     def on_batch(self, report: BatchReport) -> None:
         self._each("on_batch", report)

@@ -3,7 +3,7 @@
     received   job_id, bulk_id, queue_wait_s          consumer thread
     retried    job_id, code, delay_s                   consumer thread
     batch ran  batch_id, job_ids, size, generate_s      writer thread
-    stored     job_id, batch_id, status, code          a store thread
+    stored     job_id, batch_id, status, code          the writer thread
     rejected   tag, reason                             consumer thread
 
 With ``VQA_LOG_FORMAT=json`` each is a JSON object with those fields (producer/logs.py), so a

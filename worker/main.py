@@ -105,7 +105,7 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, s3_client: A
     if settings.events_enabled:
         from worker.completions import CompletionEvents
 
-        # Before the ack, on the store pool: a record's event is durable before its message goes (worker/completions.py).
+        # Before the ack, a batch at once on the writer thread: a record's event is durable before its message goes (worker/completions.py).
         hooks.add(CompletionEvents(jobs_redis, settings=settings))
     runner = BatchRunner(
         settings=settings, engine=engine, store=store, counters=counters, worker_name=worker_name, stopping=stopping, hooks=hooks,

@@ -8,8 +8,8 @@ Split in two so the model never waits for storage:
     complete(finishing) the writer thread: resets the delivery counts of jobs the model came
                         back from, waits for the batch's STARTED writes, reports the batch to
                         the hooks and stores the records: each to S3 on a small pool, the
-                        batch's to the result backend at once, then each job's ``on_stored``
-                        hooks on the pool
+                        batch's to the result backend at once, then the batch's ``on_stored``
+                        hooks (``on_stored_batch``: a hook may serve the batch in one round trip)
 
 Every job gets its own outcome: a record written (then the message is acked), a retry later
 (the message stays unacked), or a hand-back to the queue. One bad job never fails its batch
@@ -43,7 +43,7 @@ from producer.settings import Settings
 from worker.counters import JobCounters
 from worker.cputime import CpuAccount
 from worker.engine import Answer, Engine
-from worker.hooks import BatchReport, Hooks
+from worker.hooks import BatchReport, Hooks, StoredJob
 from worker.jobs import Outcome, Pending, Prepared
 from worker.storage import RecordStore, Stored
 
@@ -125,7 +125,6 @@ class BatchRunner:
         self._status_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqa-status")
         # complete() stores a batch's records concurrently: S3 and Redis round trips overlap.
         self._store_pool = ThreadPoolExecutor(max_workers=min(8, settings.max_batch_size), thread_name_prefix="vqa-store")
-        self._stats_lock = threading.Lock()
 
     def run(self, batch: list[Pending]) -> list[Outcome]:
         return self.complete(self.infer(batch))
@@ -309,8 +308,8 @@ class BatchRunner:
 
         In steps, so Redis costs a few round trips per batch, not a few per job: each record to S3
         (concurrently), the failed records beside the new successes deleted at once (where their
-        marks say one may exist), the batch's records to the result backend at once, then each
-        job's ``on_stored`` hooks (concurrently). A job whose step fails is handed back alone.
+        marks say one may exist), the batch's records to the result backend at once, then the
+        batch's ``on_stored`` hooks at once. A job whose step fails is handed back alone.
         """
         if finishing.survived:
             self.counters.survived(finishing.survived)
@@ -322,9 +321,12 @@ class BatchRunner:
         written = list(self._store_pool.map(lambda item: self._write(item[0].pending, item[1]), finishing.to_store))
         stored = [(placeholder, found) for (placeholder, _), found in zip(finishing.to_store, written, strict=True) if found is not None]
         stored = self._drop_failed(stored)
-        mirrored = self._mirror([found for _, found in stored])
-        settled = self._store_pool.map(lambda item: self._after_stored(item[0].pending, item[1], mirrored=mirrored), stored)
-        for (placeholder, _), outcome in zip(stored, settled, strict=True):
+        if not self._mirror([found for _, found in stored]):
+            published = list(self._store_pool.map(lambda item: self._publish_alone(item[0].pending, item[1]), stored))
+            stored = [item for item, done in zip(stored, published, strict=True) if done]
+        failures = self._on_stored(stored)
+        for (placeholder, found), failure in zip(stored, failures, strict=True):
+            outcome = self._settled(placeholder.pending, found, failure)
             placeholder.action, placeholder.record = outcome.action, outcome.record
         return finishing.outcomes
 
@@ -384,25 +386,39 @@ class BatchRunner:
             log.exception("writing %d records to the result backend failed unexpectedly; each job tries alone", len(stored))
             return False
 
-    def _after_stored(self, pending: Pending, stored: Stored, *, mirrored: bool) -> Outcome:
-        """The job's ``on_stored`` hooks (after its own backend write when the batch's failed); "ack" only when all are done."""
+    def _publish_alone(self, pending: Pending, stored: Stored) -> bool:
+        """The job's own backend write, after the batch's failed; False: its message goes back (the placeholder's requeue)."""
         job_id = pending.job.job_id
         try:
-            if not mirrored:
-                self._retry_store(lambda: self.store.publish(stored.record), f"job {job_id}", "the result backend", job_id=job_id)
-            self.hooks.on_stored(stored.record, job=pending.job, created=stored.created)
+            self._retry_store(lambda: self.store.publish(stored.record), f"job {job_id}", "the result backend", job_id=job_id)
+            return True
         except TransientError as exc:
             log.warning("job %s: giving its message back, record not stored: %s", job_id, exc, extra={"job_id": job_id})
-            return Outcome(pending, "requeue")
         except Exception:  # noqa: BLE001 - one job's surprise must not strand its batch
             log.exception("job %s: storing its record failed unexpectedly; giving its message back", job_id, extra={"job_id": job_id})
+        return False
+
+    def _on_stored(self, stored: list[tuple[Outcome, Stored]]) -> list[TransientError | None]:
+        """The batch's ``on_stored`` hooks at once (a hook may serve them in one round trip); per job, a failure that hands it back."""
+        if not stored:
+            return []
+        items = [StoredJob(found.record, placeholder.pending.job, found.created) for placeholder, found in stored]
+        try:
+            return self.hooks.on_stored_batch(items)
+        except Exception:  # noqa: BLE001 - Hooks catches each hook's errors; a surprise here hands the batch back
+            log.exception("the on_stored hooks of %d jobs failed unexpectedly; giving their messages back", len(items))
+            return [TransientError("the on_stored hooks failed unexpectedly")] * len(items)
+
+    def _settled(self, pending: Pending, stored: Stored, failure: TransientError | None) -> Outcome:
+        """"ack" once the record is stored and every hook is done with it; "requeue" when a hook failed transiently."""
+        job_id = pending.job.job_id
+        if failure is not None:
+            log.warning("job %s: giving its message back, record not stored: %s", job_id, failure, extra={"job_id": job_id})
             return Outcome(pending, "requeue")
-        with self._stats_lock:  # complete() runs this on several threads
-            if stored.record.status == "succeeded":
-                self.stats.jobs_done += 1
-            else:
-                self.stats.jobs_failed += 1
-        if stored.record.status != "succeeded":
+        if stored.record.status == "succeeded":
+            self.stats.jobs_done += 1
+        else:
+            self.stats.jobs_failed += 1
             self.counters.forget_submission(job_id)
         return Outcome(pending, "ack", record=stored.record)
 

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 import redis
 
 from producer import keys
+from producer.errors import BackendUnavailable
 from producer.events import decode_entry, tail
 from producer.schema import ErrorInfo, GenerationSettings, Job, Record
 from producer.settings import Settings
@@ -73,3 +74,27 @@ def test_tail_with_a_group_reads_history_and_acks(redis_url: str) -> None:
     seen = list(tail(client, settings.events_stream, group="g", consumer="c", block_ms=100, limit=2))
     assert [event["job_id"] for event in seen] == ["a", "b"]
     assert client.xpending(settings.events_stream, "g")["pending"] == 0
+
+
+def test_a_batchs_events_each_job_once_and_a_redis_without_the_script_loads_it(redis_url: str) -> None:
+    from worker.hooks import StoredJob
+
+    settings = Settings(broker_url=redis_url)
+    client = redis.Redis.from_url(redis_url)
+    hook = CompletionEvents(client, settings=settings)
+    a, b, c = _job("a"), _job("b"), _job("c")
+    client.script_flush()  # a Redis that does not know the script yet (restarted, or failed over): sent alone
+    assert hook.on_stored_batch([StoredJob(_record(a), a, True), StoredJob(_record(b), b, True)]) == [None, None]
+
+    def evalsha_calls() -> int:
+        return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+    before = evalsha_calls()
+    sent = hook.on_stored_batch([StoredJob(_record(a), a, False), StoredJob(_record(c), c, True)])  # a redelivered, c new
+    assert sent == [None, None] and evalsha_calls() - before == 2  # known now: each script once, none sent again
+    assert [event["job_id"] for event in _entries(client, settings.events_stream)] == ["a", "b", "c"]
+    assert hook.appended == 3
+
+    away = CompletionEvents(redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2), settings=settings)
+    failures = away.on_stored_batch([StoredJob(_record(a), a, True), StoredJob(_record(c), c, True)])
+    assert len(failures) == 2 and all(isinstance(failure, BackendUnavailable) for failure in failures)

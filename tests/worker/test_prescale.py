@@ -17,7 +17,7 @@ from producer.image_grid import effective_grid, limit_pinpoints, parse_grid
 from producer.schema import GenerationSettings, Job, utcnow
 from producer.settings import Settings
 from tests.support.image_bytes import encode, png_header_bomb
-from worker.counters import JobHistory
+from worker.cancels import RevokedSet
 from worker.fetch.images import FetchPolicy, decode_image
 from worker.imageshare import SharedImages
 from worker.preparing import JobPreparer
@@ -108,13 +108,19 @@ def test_a_jobs_prescale_pinpoints_are_the_ones_its_processor_uses(tiny_model_di
 
 
 class _Unrun:
-    """A job's first delivery: not cancelled, never run (no Redis, no S3 needed)."""
+    """A job's first delivery: not cancelled, never run (no Redis, no S3 needed): every key it is asked for is missing."""
 
-    def reasons(self, jobs: list[Job]) -> dict[str, Any]:
+    revoked = RevokedSet(ttl_s=60)
+
+    @property
+    def client(self) -> _Unrun:
+        return self
+
+    def mget(self, names: list[str]) -> list[None]:
+        return [None] * len(names)
+
+    def reasons(self, jobs: list[Job], **_: Any) -> dict[str, Any]:
         return {}
-
-    def history(self, job_id: str) -> JobHistory:
-        return JobHistory(earlier_deliveries=0, executions=0)
 
 
 class _Sizes:
