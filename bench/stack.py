@@ -198,11 +198,16 @@ class Stack:
         client.close()
 
 
+def use_bench_credentials() -> None:
+    """AWS credentials for the bench's S3 server (moto takes any), where the environment has none."""
+    for name, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ.setdefault(name, value)
+
+
 @contextlib.contextmanager
 def stack(image_dir: Path, *, delays: tuple[float, ...] = (0.0, 0.1)) -> Iterator[Stack]:
     """Start redis, S3 and one image server per delay; yield the :class:`Stack`; stop everything."""
-    for name, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        os.environ.setdefault(name, value)
+    use_bench_credentials()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     workdir = Path(tempfile.mkdtemp(prefix="vqa-bench-"))
     redis_server = RedisServer().start()

@@ -115,6 +115,15 @@ def test_bench_webhooks_tiny_profile(tmp_path: Path) -> None:
     assert (tmp_path / "webhooks.md").read_text().startswith("# Webhooks: one dispatcher's delivery rate and latency")
 
 
+def test_bench_s3put_times_a_record_write_and_redis_round_trips(tmp_path: Path) -> None:
+    _run(["-m", "bench.s3put", "--writes", "5", "--rounds", "2", "--out", str(tmp_path)], timeout=120)
+    result = json.loads((tmp_path / "s3-put.json").read_text())
+    for figure in ("s3_create_cpu_ms", "redis_get_cpu_ms", "redis_pipeline_of_8_cpu_ms", "thread_start_join_cpu_ms"):
+        assert len(result[figure]) == 2 and all(ms > 0 for ms in result[figure]), figure
+    assert result["record_bytes"] > 300
+    assert (tmp_path / "s3-put.md").read_text().startswith("# One record write's CPU, alone")
+
+
 def test_gpu_bench_small_config_on_cpu(tmp_path: Path) -> None:
     _run([str(SCRIPTS / "gpu_bench.py"), "--config", "small", "--device", "cpu", "--out", str(tmp_path), "--batch-sizes", "1,2",
           "--max-new-tokens", "4", "--repeats", "1", "--baseline-images", "2", "--image-grid", "full,1x1"], timeout=240)

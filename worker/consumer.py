@@ -70,7 +70,8 @@ _IDLE_POLL_S = 0.2  # the longest the loop sleeps: a stop, a due retry or a brok
 _EMPTY_POLL_S = 0.05  # the queue was empty: look again this soon (it is polled, see worker/broker.py)
 # ... unless the model is busy: a job taken now waits for the running batch anyway, so the pause
 # doubles per empty look, up to half a batch's run time and at most this (an empty look costs
-# the worker ~0.25 ms of CPU; at 20 a second they were ~0.4 ms per job at batch 8, issue 14).
+# the worker a script's round trip, ~0.15 ms of CPU; at the end of each burst they came to about
+# one per job at batch 8: docs/benchmarks/queue-cost/fewer-round-trips).
 _EMPTY_POLL_BUSY_MAX_S = 0.4
 _RESTORE_EVERY_S = 1.0  # how often this worker restores dead workers' messages (worker/broker.py)
 _RECONNECT_MAX_S = 10.0

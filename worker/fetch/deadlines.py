@@ -5,7 +5,8 @@ trips them. A shut socket makes every blocked call return at once, so no read or
 outlives the deadline.
 
 One long-lived thread watches all armed deadlines (a heap, nearest first) instead of a thread
-per fetch: starting and joining a thread costs about 0.3 ms of CPU, on every job (issue 14).
+per fetch: starting and joining a thread costs about 0.2 ms of CPU, on every job (issue 14;
+docs/benchmarks/queue-cost/s3-put).
 """
 
 from __future__ import annotations
