@@ -6,7 +6,8 @@ For each job, off the consumer and model threads:
 2. How often did it reach a model before, and how often did it come back (worker/counters.py)?
    If it ran before, is there a success record already (a redelivery, a duplicate)? Then
    nothing runs. A job that never ran cannot have one, so the common first delivery makes no
-   S3 request here: its one request is the conditional create of its record.
+   S3 request here: its one request is the conditional create of its record. Steps 1 and 2
+   read Redis in one round trip.
 3. Fetch and decode the image under the SSRF guard and the caps (worker/fetch/).
 4. Preprocess it for the engine (tiles, prompt tokens), so the model thread only pads and runs.
 
