@@ -78,7 +78,7 @@ class CompletionEvents(Hook):
         failures: list[TransientError | None] = []
         for item, reply in zip(stored, replies, strict=True):
             if isinstance(reply, redis.exceptions.NoScriptError):  # a restarted or new Redis: the Script loads it
-                failures.extend(Hook.on_stored_batch(self, [item]))
+                failures.extend(super().on_stored_batch([item]))
             elif isinstance(reply, Exception):
                 failures.append(BackendUnavailable(f"cannot append the completion event of job {item.record.job_id}: {reply}"))
             else:

@@ -232,11 +232,16 @@ class BatchingConsumer:
             self._on_delivery(delivery)
         return len(deliveries)
 
+    @property
+    def _model_busy(self) -> bool:
+        """A batch is in the model or queued for it."""
+        return self._handed > self._inferred
+
     def _pause_after(self, *, empty: bool) -> float:
         """How long before the next pop: none after messages; after an empty one, longer while the model is busy."""
-        if not empty or self._handed == self._inferred:
+        if not empty or not self._model_busy:
             self._empty_pause = _EMPTY_POLL_S
-            return 0.0 if not empty else _EMPTY_POLL_S
+            return _EMPTY_POLL_S if empty else 0.0
         longest = min(_EMPTY_POLL_BUSY_MAX_S, max(_EMPTY_POLL_S, self.runner.stats.last_batch_s / 2))
         pause = min(self._empty_pause, longest)
         self._empty_pause = min(2 * pause, longest)
@@ -272,7 +277,7 @@ class BatchingConsumer:
         self._release_delayed()
         self._collect_ready()
         while self._batches.empty() and self._in_flight < _MAX_IN_FLIGHT:
-            model_busy = self._handed > self._inferred
+            model_busy = self._model_busy
             # Idle model: any due batch. Busy model: only a complete one, queued behind it, and
             # not while the writer still holds an earlier batch (its messages fill the prefetch).
             if model_busy and (self._in_flight >= RUNNING_AND_QUEUED or not self._worth_queueing()):
@@ -309,7 +314,7 @@ class BatchingConsumer:
         now = time.monotonic()
         # A busy model takes only complete batches, and those come with a fetch: then the batcher's
         # due time wakes nothing up (the model finishing does).
-        model_busy = self._handed > self._inferred or self._in_flight >= _MAX_IN_FLIGHT
+        model_busy = self._model_busy or self._in_flight >= _MAX_IN_FLIGHT
         due = None if model_busy else self.batcher.next_due_in()
         timeout = _IDLE_POLL_S if due is None else min(_IDLE_POLL_S, max(due, 0.005))
         if self.prefetch - len(self.ledger) > 0 and not self._broker_backoff:

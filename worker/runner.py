@@ -338,12 +338,21 @@ class BatchRunner:
         stored for good (an unreadable object at its key) becomes a failed record saying why.
         """
         job_id = pending.job.job_id
-        try:
+
+        def write() -> Stored:
             try:
                 return self._write_s3(pending, record)
             except PermanentError as exc:
                 log.error("job %s: %s", job_id, exc, extra={"job_id": job_id})
                 return self._write_s3(pending, self._record(pending, status="failed", error=exc, batch_size=record.batch_size))
+
+        return self._or_hand_back(job_id, write)
+
+    @staticmethod
+    def _or_hand_back(job_id: str, step: Callable[[], Stored]) -> Stored | None:
+        """One job's storing step; None (its message goes back) when it fails, transiently or by surprise: the rest of its batch goes on."""
+        try:
+            return step()
         except TransientError as exc:
             log.warning("job %s: giving its message back, record not stored: %s", job_id, exc, extra={"job_id": job_id})
         except Exception:  # noqa: BLE001 - one job's surprise must not strand its batch
@@ -389,14 +398,12 @@ class BatchRunner:
     def _publish_alone(self, pending: Pending, stored: Stored) -> bool:
         """The job's own backend write, after the batch's failed; False: its message goes back (the placeholder's requeue)."""
         job_id = pending.job.job_id
-        try:
+
+        def publish() -> Stored:
             self._retry_store(lambda: self.store.publish(stored.record), f"job {job_id}", "the result backend", job_id=job_id)
-            return True
-        except TransientError as exc:
-            log.warning("job %s: giving its message back, record not stored: %s", job_id, exc, extra={"job_id": job_id})
-        except Exception:  # noqa: BLE001 - one job's surprise must not strand its batch
-            log.exception("job %s: storing its record failed unexpectedly; giving its message back", job_id, extra={"job_id": job_id})
-        return False
+            return stored
+
+        return self._or_hand_back(job_id, publish) is not None
 
     def _on_stored(self, stored: list[tuple[Outcome, Stored]]) -> list[TransientError | None]:
         """The batch's ``on_stored`` hooks at once (a hook may serve them in one round trip); per job, a failure that hands it back."""
@@ -410,10 +417,9 @@ class BatchRunner:
             return [TransientError("the on_stored hooks failed unexpectedly")] * len(items)
 
     def _settled(self, pending: Pending, stored: Stored, failure: TransientError | None) -> Outcome:
-        """"ack" once the record is stored and every hook is done with it; "requeue" when a hook failed transiently."""
+        """"ack" once the record is stored and every hook is done with it; "requeue" when a hook failed transiently (Hooks logged why)."""
         job_id = pending.job.job_id
         if failure is not None:
-            log.warning("job %s: giving its message back, record not stored: %s", job_id, failure, extra={"job_id": job_id})
             return Outcome(pending, "requeue")
         if stored.record.status == "succeeded":
             self.stats.jobs_done += 1
