@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     fetch_connect_timeout_s: float = Field(default=5.0, gt=0)
     fetch_max_redirects: int = Field(default=5, ge=0, le=20)
     fetch_ca_bundle: str | None = None  # CA bundle for https; unset = system trust store
+    # An image host's connection is kept this long unused for the next fetch from it (HTTP
+    # keep-alive, worker/fetch/kept.py); 0 = a new connection (and TLS handshake) per image.
+    fetch_keepalive_s: float = Field(default=15.0, ge=0)
     image_formats: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["JPEG", "PNG", "GIF", "WEBP", "BMP"])
     image_s3_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)  # s3:// buckets workers may read
 

@@ -124,6 +124,16 @@ def test_bench_s3put_times_a_record_write_and_redis_round_trips(tmp_path: Path) 
     assert (tmp_path / "s3-put.md").read_text().startswith("# One record write's CPU, alone")
 
 
+def test_bench_fetchconn_times_a_fetch_on_new_and_kept_connections(tmp_path: Path) -> None:
+    _run(["-m", "bench.fetchconn", "--fetches", "5", "--rounds", "2", "--out", str(tmp_path)], timeout=120)
+    result = json.loads((tmp_path / "fetch-keepalive.json").read_text())
+    for scheme in ("http", "https"):
+        for figure in (f"{scheme}_new_cpu_ms", f"{scheme}_kept_cpu_ms"):
+            assert len(result[figure]) == 2 and all(ms > 0 for ms in result[figure]), figure
+        assert result[f"{scheme}_kept_reused"] == 20 + 2 * 5 - 1  # 20 unmeasured first: every fetch after the first reused one
+    assert (tmp_path / "fetch-keepalive.md").read_text().startswith("# One image fetch's CPU, new connection vs. kept")
+
+
 def test_gpu_bench_small_config_on_cpu(tmp_path: Path) -> None:
     _run([str(SCRIPTS / "gpu_bench.py"), "--config", "small", "--device", "cpu", "--out", str(tmp_path), "--batch-sizes", "1,2",
           "--max-new-tokens", "4", "--repeats", "1", "--baseline-images", "2", "--image-grid", "full,1x1"], timeout=240)

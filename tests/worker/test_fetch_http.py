@@ -26,6 +26,7 @@ from tests.support.abusive_http import (
     wait_until,
     write_self_signed_cert,
 )
+from tests.support.fake_dns import FakeDNS
 from worker.fetch.images import FetchPolicy, fetch_bytes, fetch_image
 
 MIB = 1024 * 1024
@@ -70,31 +71,6 @@ def expect(code: str, call: Callable[[], object], kind: type[VQAError] = ImageRe
         call()
     assert caught.value.code == code, caught.value
     return caught.value
-
-
-class FakeDNS:
-    """Names ending in ``.test`` resolve to the answers queued here; the last answer repeats."""
-
-    def __init__(self) -> None:
-        self.answers: dict[str, list[list[str]]] = {}
-        self.calls: list[str] = []
-
-    def getaddrinfo(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> list[tuple[Any, ...]]:
-        name = host.decode() if isinstance(host, bytes) else str(host)
-        if not name.endswith(".test"):
-            return _REAL_GETADDRINFO(host, port, *args, **kwargs)
-        self.calls.append(name)
-        queue = self.answers.get(name)
-        if not queue:
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        addresses = queue.pop(0) if len(queue) > 1 else queue[0]
-        return [
-            (socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, int(port)))
-            for ip in addresses
-        ]
-
-
-_REAL_GETADDRINFO = socket.getaddrinfo
 
 
 @pytest.fixture()

@@ -131,6 +131,8 @@ class S3Server:
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # connections kept alive, as image CDNs and S3 keep them (worker/fetch/kept.py)
+
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
         pass
 

@@ -2,18 +2,21 @@
 
 HTTP goes through urllib3's ``HTTPConnection`` pointed at an address that
 :mod:`worker.fetch.netguard` vetted, with the original ``Host`` header and, for https, the
-original name for SNI and certificate checks. Redirects are followed by hand so every hop
-is parsed, resolved and vetted again. The body is read in chunks and dropped at the cap,
-so memory stays at most ``max_bytes`` whatever the server sends. urllib3, http.client,
-ssl and botocore errors are translated here into :mod:`producer.errors`.
+original name for SNI and certificate checks, or over a connection kept from an earlier
+fetch to that same vetted address and name (:mod:`worker.fetch.kept`). Redirects are
+followed by hand so every hop is parsed, resolved and vetted again. The body is read in
+chunks and dropped at the cap, so memory stays at most ``max_bytes`` whatever the server
+sends. urllib3, http.client, ssl and botocore errors are translated here into
+:mod:`producer.errors`.
 """
 
 from __future__ import annotations
 
+import socket
 import ssl
 import time
 from dataclasses import dataclass
-from http.client import HTTPException
+from http.client import HTTPException, RemoteDisconnected
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin
 
@@ -25,6 +28,7 @@ from urllib3.util.ssl_match_hostname import CertificateError
 from producer.errors import FetchTimeout, ImageRejected, StorageUnavailable, UpstreamUnavailable, VQAError
 from worker.fetch import netguard
 from worker.fetch.deadlines import Watchdog
+from worker.fetch.kept import Key
 from worker.fetch.netguard import IPAddress, Target, show
 
 if TYPE_CHECKING:
@@ -71,32 +75,72 @@ def _timeout(url: str, policy: FetchPolicy) -> FetchTimeout:
 def _exchange(
     target: Target, addresses: list[IPAddress], policy: FetchPolicy, deadline: float, *, url: str
 ) -> bytes | _Redirect:
-    """One request/response with the first vetted address that accepts a connection."""
+    """One request/response with the first vetted address that accepts a connection (a kept one first, where there is one)."""
     failure: Exception | None = None
     for ip in addresses:
+        key = Key(target.scheme, ip, target.port, target.host)
+        kept = policy.connections.take(key) if policy.connections is not None else None
+        if kept is not None:
+            try:
+                return _request(kept, key, target, policy, deadline, url=url, reused=True)
+            except _Stale:
+                pass  # the host closed it as we sent (its idle timeout): once more, on a new connection
         left = _remaining(deadline, url, policy)
         conn = _connection(target, ip, policy, timeout=min(policy.connect_timeout_s, left))
         try:
-            # The watchdog is disarmed before any close, so it never shuts a reused descriptor.
-            with Watchdog(conn, deadline) as watchdog:
-                try:
+            return _request(conn, key, target, policy, deadline, url=url, reused=False)
+        except _Unreachable as exc:
+            failure = exc.error  # refused/unreachable: the host's next address may answer
+    assert failure is not None  # vet() never returns an empty list
+    raise _translate(failure, expired=False, url=url, policy=policy) from failure
+
+
+class _Unreachable(Exception):
+    """A new connection was refused or could not be made (not a certificate error, not the deadline)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Stale(Exception):
+    """A kept connection the host had closed: nothing of an answer came back, so the GET is sent again on a new one."""
+
+
+# What a request over a connection the host closed meanwhile raises before any answer.
+_CLOSED_BY_HOST = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, RemoteDisconnected)
+
+
+def _request(
+    conn: HTTPConnection, key: Key, target: Target, policy: FetchPolicy, deadline: float, *, url: str, reused: bool
+) -> bytes | _Redirect:
+    """One exchange over ``conn`` (connected here unless ``reused``); the connection is kept afterwards where it may serve again."""
+    keep = False
+    watchdog = Watchdog(conn, deadline)
+    try:
+        # The watchdog is disarmed before any close, so it never shuts a reused descriptor.
+        with watchdog:
+            try:
+                if not reused:
                     try:
                         conn.connect()
                     except _TRANSPORT_ERRORS as exc:
                         if watchdog.expired or _is_certificate_error(exc):
                             raise
-                        failure = exc  # refused/unreachable: the host's next address may answer
-                        continue
-                    watchdog.pin(conn.sock)
-                    return _talk(conn, target, policy, watchdog, url=url)
-                except VQAError:
-                    raise
-                except _TRANSPORT_ERRORS as exc:
-                    raise _translate(exc, expired=watchdog.expired, url=url, policy=policy) from exc
-        finally:
+                        raise _Unreachable(exc) from exc
+                watchdog.pin(conn.sock)
+                outcome, keep = _talk(conn, target, policy, watchdog, url=url, reused=reused)
+                return outcome
+            except (VQAError, _Unreachable, _Stale):
+                raise
+            except _TRANSPORT_ERRORS as exc:
+                raise _translate(exc, expired=watchdog.expired, url=url, policy=policy) from exc
+    finally:
+        # Leaving the block disarmed the watchdog: ``expired`` is final here.
+        if keep and not watchdog.expired and policy.connections is not None:
+            policy.connections.give(key, conn)
+        else:
             conn.close()
-    assert failure is not None  # vet() never returns an empty list
-    raise _translate(failure, expired=False, url=url, policy=policy) from failure
 
 
 def _connection(target: Target, ip: IPAddress, policy: FetchPolicy, *, timeout: float) -> HTTPConnection:
@@ -113,30 +157,42 @@ def _connection(target: Target, ip: IPAddress, policy: FetchPolicy, *, timeout: 
     return HTTPConnection(str(ip), target.port, timeout=timeout)
 
 
-def _talk(conn: HTTPConnection, target: Target, policy: FetchPolicy, watchdog: Watchdog, *, url: str) -> bytes | _Redirect:
+def _talk(
+    conn: HTTPConnection, target: Target, policy: FetchPolicy, watchdog: Watchdog, *, url: str, reused: bool
+) -> tuple[bytes | _Redirect, bool]:
+    """The GET and its answer; True beside it when the connection may serve another request (the body read to its end, no ``Connection: close``)."""
     # Per-recv timeout; the watchdog bounds their sum.
     conn.timeout = max(watchdog.remaining(), 0.001)
-    conn.request(
-        "GET",
-        target.request_target,
-        headers={
-            "Host": target.host_header,
-            "User-Agent": policy.user_agent,
-            "Accept": "image/*",
-            # Compressed bodies would expand past the byte cap after it was checked.
-            "Accept-Encoding": "identity",
-        },
-        preload_content=False,
-        decode_content=False,
-    )
-    response = conn.getresponse()
+    if reused:
+        conn.sock.settimeout(conn.timeout)  # connect() set it on a new one
+    try:
+        conn.request(
+            "GET",
+            target.request_target,
+            headers={
+                "Host": target.host_header,
+                "User-Agent": policy.user_agent,
+                "Accept": "image/*",
+                # Compressed bodies would expand past the byte cap after it was checked.
+                "Accept-Encoding": "identity",
+            },
+            preload_content=False,
+            decode_content=False,
+        )
+        if reused:
+            _ack_at_once(conn.sock)
+        response = conn.getresponse()
+    except _CLOSED_BY_HOST as exc:
+        if reused and not watchdog.expired:
+            raise _Stale() from exc
+        raise
     try:
         status = response.status
         if status in _REDIRECTS:
             location = response.headers.get("Location")
             if not location:
                 raise ImageRejected(f"image host answered HTTP {status} without a Location for {show(url)}", code="http_status")
-            return _Redirect(location)
+            return _Redirect(location), False
         if status >= 500 or status in _RETRYABLE_4XX:
             raise UpstreamUnavailable(f"image host answered HTTP {status} for {show(url)}; try again later", code="http_status")
         if not 200 <= status < 300:
@@ -152,10 +208,32 @@ def _talk(conn: HTTPConnection, target: Target, policy: FetchPolicy, watchdog: W
         # A close-delimited body ends with EOF, and so does a socket the watchdog shut.
         if watchdog.expired:
             raise _timeout(url, policy)
-        return bytes(body)
+        # http.client drops conn.sock when the answer says "Connection: close" (or is close-delimited).
+        return bytes(body), conn.sock is not None and _read_to_end(response)
     finally:
         watchdog.disarm()
         response.close()
+
+
+def _ack_at_once(sock: Any) -> None:
+    """Acknowledge the answer's first segment at once (Linux's TCP_QUICKACK, elsewhere nothing).
+
+    On a kept connection Linux delays ACKs, hoping to send them with our next request. A host
+    that writes headers and body separately without TCP_NODELAY (Python's http.server does)
+    then holds the body back until that ACK: about 40 ms per image.
+    """
+    quickack = getattr(socket, "TCP_QUICKACK", None)
+    if quickack is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+        except OSError:
+            pass
+
+
+def _read_to_end(response: Any) -> bool:
+    """The answer is over and did not ask to close: the next request may follow on the same connection."""
+    original = response._original_response  # http.client's, which knows "Connection: close"
+    return original is not None and original.isclosed() and not original.will_close
 
 
 def _too_large(url: str, policy: FetchPolicy, *, declared: int | None = None) -> ImageRejected:

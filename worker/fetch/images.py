@@ -46,6 +46,7 @@ from PIL import ExifTags, Image, ImageOps
 
 from producer.errors import ImageRejected, OutOfMemory, VQAError
 from worker.fetch import download
+from worker.fetch.kept import KeptConnections
 from worker.fetch.netguard import HostRules
 
 if TYPE_CHECKING:
@@ -77,6 +78,8 @@ class FetchPolicy:
     user_agent: str = "vqa-worker/0.1"
     # VQA_IMAGE_PRESCALE (worker/prescale.py): decode no larger than the model will use; None = full size.
     prescale: Prescaler | None = field(default=None, compare=False)
+    # VQA_FETCH_KEEPALIVE_S (worker/fetch/kept.py): image-host connections kept between fetches; None = one per fetch.
+    connections: KeptConnections | None = field(default=None, compare=False)
     host_rules: HostRules = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -106,6 +109,8 @@ class FetchPolicy:
             allowed_formats=frozenset(settings.image_formats),
             allowed_s3_buckets=frozenset(settings.image_s3_buckets),
             ca_bundle=settings.fetch_ca_bundle,
+            connections=KeptConnections(idle_s=settings.fetch_keepalive_s, per_key=settings.fetch_concurrency,
+                                        most=4 * settings.fetch_concurrency) if settings.fetch_keepalive_s > 0 else None,
         )
 
 
