@@ -8,7 +8,8 @@
                  when Redis is away it raises BackendUnavailable and the message is handed back,
                  so no outcome goes uncounted. The worker that sealed a segment of the log writes
                  it to S3; the one that stored a run's last job ends the run and writes its final
-                 status.json (producer/bulk/completions.py says why the workers drain)
+                 status.json (producer/bulk/completions.py says why the workers drain). A batch's
+                 jobs come at once (on_stored_batch): their scripts go in one pipeline
 
 Jobs without a ``bulk_id`` cost nothing here.
 """
@@ -25,9 +26,10 @@ import redis
 from producer.bulk.completions import Completions
 from producer.bulk.state import RunState
 from producer.bulk.store import BulkStore
+from producer.errors import BackendUnavailable, TransientError
 from producer.schema import Job, Record
 from producer.settings import Settings
-from worker.hooks import Hook
+from worker.hooks import Hook, StoredJob
 
 log = logging.getLogger(__name__)
 
@@ -60,3 +62,21 @@ class BulkRuns(Hook):
         stored = self._completions(job.bulk_id).record(record)
         if stored.ended:
             log.info("bulk run %s ended with job %s", job.bulk_id, job.job_id)
+
+    def on_stored_batch(self, stored: Sequence[StoredJob]) -> list[TransientError | None]:
+        """The batch's jobs of bulk runs counted in one pipeline (each still one stored.lua: once per job); the rest cost nothing."""
+        failures: list[TransientError | None] = [None] * len(stored)
+        bulk = [(index, item) for index, item in enumerate(stored) if item.job.bulk_id is not None]
+        if not bulk:
+            return failures
+        runs: dict[str, Completions] = {}
+        for _, item in bulk:
+            bulk_id = str(item.job.bulk_id)
+            runs[bulk_id] = runs.get(bulk_id) or self._completions(bulk_id)
+        counted = Completions.record_many([(runs[str(item.job.bulk_id)], item.record) for _, item in bulk])
+        for (index, item), outcome in zip(bulk, counted, strict=True):
+            if isinstance(outcome, BackendUnavailable):
+                failures[index] = outcome
+            elif outcome.ended:
+                log.info("bulk run %s ended with job %s", item.job.bulk_id, item.job.job_id)
+        return failures

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from producer.bulk.state import RunState, Stored
 from producer.bulk.store import BulkStore
-from producer.errors import STOPPED_CODES, VQAError
+from producer.errors import STOPPED_CODES, BackendUnavailable, VQAError
 from producer.schema import Record
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,14 @@ def outcome_of(record: Record) -> str:
     if record.error is not None and record.error.code in STOPPED_CODES:
         return record.error.code
     return "failed"
+
+
+def _stored_call(record: Record) -> dict[str, Any]:
+    """What :meth:`RunState.stored` counts and logs for a record."""
+    usage = record.usage
+    counts = (0, 0, 0, 0.0) if usage is None else (usage.prompt_tokens, usage.image_tokens, usage.generated_tokens, usage.model_ms)
+    entry = json.dumps(entry_of(record), separators=(",", ":"), ensure_ascii=False)
+    return {"job_id": record.job_id, "outcome": outcome_of(record), "entry": entry, "usage": counts}
 
 
 def entry_of(record: Record) -> dict[str, Any]:
@@ -68,10 +76,21 @@ class Completions:
 
     def record(self, record: Record) -> Stored:
         """Count and log a stored record once; write what that sealed. Raises BackendUnavailable when Redis is away."""
-        usage = record.usage
-        counts = (0, 0, 0, 0.0) if usage is None else (usage.prompt_tokens, usage.image_tokens, usage.generated_tokens, usage.model_ms)
-        entry = json.dumps(entry_of(record), separators=(",", ":"), ensure_ascii=False)
-        stored = self.state.stored(record.job_id, outcome=outcome_of(record), entry=entry, usage=counts)
+        stored = self.state.stored(**_stored_call(record))
+        self._written(stored)
+        return stored
+
+    @staticmethod
+    def record_many(items: Sequence[tuple[Completions, Record]]) -> list[Stored | BackendUnavailable]:
+        """:meth:`record` for a batch's jobs (of one run or several), counted in one Redis round trip; per job, what counting did or why it could not."""
+        counted = RunState.stored_many([(completions.state, _stored_call(record)) for completions, record in items])
+        for (completions, _), stored in zip(items, counted, strict=True):
+            if isinstance(stored, Stored):
+                completions._written(stored)
+        return counted
+
+    def _written(self, stored: Stored) -> None:
+        """After a job was counted: write the segment it sealed, and the run's status when it ended it."""
         if stored.segment or stored.ended:
             # The outcome is counted and logged in Redis already: nothing below may hand the
             # message back. What fails here is picked up later (stale segments, the next mirror).
@@ -82,7 +101,6 @@ class Completions:
                 mirror_status(self.state, self.store, invalid=stored.ended)
             except VQAError as exc:
                 log.warning("bulk run %s: %s; retried later", self.state.bulk_id, exc)
-        return stored
 
     def drain(self, seq: int) -> None:
         """Write a sealed segment to S3, then drop it from Redis (a segment already gone was written)."""

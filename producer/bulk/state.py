@@ -56,6 +56,11 @@ class Stored:
     ended: bool  # this was the run's last job
 
 
+def _stored_from(reply: Sequence[Any]) -> Stored:
+    counted, segment, ended = reply
+    return Stored(counted=bool(counted), segment=int(segment), ended=bool(ended))
+
+
 class RunState:
     """The Redis side of one run (keys from producer/keys.py)."""
 
@@ -165,12 +170,37 @@ class RunState:
 
     def stored(self, job_id: str, *, outcome: str, entry: str, usage: Sequence[float]) -> Stored:
         """Count one stored record and log it (stored.lua), once per job."""
+        return _stored_from(self._run("stored", *self._stored_args(job_id, outcome=outcome, entry=entry, usage=usage)))
+
+    @staticmethod
+    def stored_many(calls: Sequence[tuple[RunState, dict[str, Any]]]) -> list[Stored | BackendUnavailable]:
+        """:meth:`stored` for many jobs (``(run, its keyword arguments)``, of one run or several) in one pipeline.
+
+        Each job is still its own stored.lua, so "once per job" holds job by job. Per job, what
+        counting it did, or why Redis could not count it (its message goes back).
+        """
+        if not calls:
+            return []
+        script = _script("stored")
+        pipe = calls[0][0].client.pipeline(transaction=False)
+        for state, kwargs in calls:
+            # On a pipeline the Script is loaded (SCRIPT EXISTS, then LOAD where missing) before the batch runs.
+            script(keys=state._keys, args=state._stored_args(**kwargs), client=pipe)
+        try:
+            replies = pipe.execute(raise_on_error=False)
+        except redis.RedisError as exc:
+            error = BackendUnavailable(f"{len(calls)} bulk jobs: Redis is unreachable ({type(exc).__name__}: {exc})")
+            return [error] * len(calls)
+        return [
+            BackendUnavailable(f"bulk run {state.bulk_id}: Redis could not count job {kwargs['job_id']} ({reply})")
+            if isinstance(reply, Exception) else _stored_from(reply)
+            for (state, kwargs), reply in zip(calls, replies, strict=True)
+        ]
+
+    def _stored_args(self, job_id: str, *, outcome: str, entry: str, usage: Sequence[float]) -> list[Any]:
         prompt, image, generated, model_ms = usage
-        counted, segment, ended = self._run(
-            "stored", job_id, outcome, entry, int(prompt), int(image), int(generated), repr(float(model_ms)),
-            self.settings.bulk_segment_jobs, *self._ttls(),
-        )
-        return Stored(counted=bool(counted), segment=int(segment), ended=bool(ended))
+        return [job_id, outcome, entry, int(prompt), int(image), int(generated), repr(float(model_ms)),
+                self.settings.bulk_segment_jobs, *self._ttls()]
 
     def _ttls(self) -> tuple[int, int, str]:
         return self.settings.bulk_ttl_s, self.settings.bulk_finished_ttl_s, self.segment_prefix

@@ -11,14 +11,16 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from producer import keys
+from producer.bulk.completions import Completions
 from producer.bulk.state import Chunk, RunState
+from producer.bulk.store import BulkStore
 from producer.errors import BackendUnavailable, TransientError
 from producer.schema import GenerationSettings, Job, utcnow
 from producer.settings import Settings
 from worker.bulkruns import BulkRuns
 from worker.dev.outcomes import record_for
 from worker.dev.services import free_port
-from worker.hooks import Hooks
+from worker.hooks import Hooks, StoredJob
 
 
 def _job(index: int, bulk_id: str | None = "run-1") -> Job:
@@ -31,8 +33,8 @@ def settings(redis_url: str, s3_server: Any, bucket: str) -> Settings:
     return Settings(broker_url=redis_url, s3_endpoint_url=s3_server.url, s3_bucket=bucket, bulk_segment_jobs=3)
 
 
-def _open_run(settings: Settings, client: redis.Redis, jobs: list[Job]) -> RunState:
-    state = RunState(client, "run-1", settings=settings, queue_key="vqa")
+def _open_run(settings: Settings, client: redis.Redis, jobs: list[Job], bulk_id: str = "run-1") -> RunState:
+    state = RunState(client, bulk_id, settings=settings, queue_key="vqa")
     state.create({"state": "in_progress", "created_at": "1", "total": "0"})
     state.lease("t", ttl_s=30)
     ids = [job.job_id for job in jobs]
@@ -65,6 +67,45 @@ def test_outcomes_are_counted_once_and_the_run_ends_with_its_last(settings: Sett
     ]
     assert client.zcard(keys.bulk_sealed_key("run-1")) == 0
     client.close()
+
+
+def test_a_batchs_jobs_are_counted_in_one_round_trip_once_each(settings: Settings, redis_url: str, bucket: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = settings.model_copy(update={"bulk_segment_jobs": 100})  # no segment sealed: the round trips are the scripts' own
+    client = redis.Redis.from_url(redis_url)
+    s3 = boto3.client("s3", endpoint_url=settings.s3_endpoint_url)
+    first, second = [_job(i) for i in range(4)], [_job(10 + i, bulk_id="run-2") for i in range(2)]
+    runs = [_open_run(settings, client, first), _open_run(settings, client, second, bulk_id="run-2")]
+    for state in runs:
+        state.close("t", lines=len(first) if state is runs[0] else len(second))
+    client.script_flush()  # a Redis that does not know the script yet (restarted, failed over): the pipeline loads it
+    sent: list[int] = []
+    real_send = redis.connection.Connection.send_packed_command
+    monkeypatch.setattr(redis.connection.Connection, "send_packed_command",
+                        lambda conn, *args, **kwargs: sent.append(1) or real_send(conn, *args, **kwargs))
+    hook = BulkRuns(client=client, s3_client=s3, settings=settings)
+    other = _job(99, bulk_id=None)
+    batch = [StoredJob(record_for(job), job, True) for job in (*first[:3], other, second[0])]
+    assert hook.on_stored_batch(batch) == [None] * 5
+    # Four jobs of two runs: SCRIPT EXISTS, SCRIPT LOAD (this Redis lacked it), then all four scripts in one pipeline.
+    assert len(sent) == 3
+    sent.clear()
+    again = [StoredJob(record_for(first[0]), first[0], False), StoredJob(record_for(first[3]), first[3], True),
+             StoredJob(record_for(second[1]), second[1], True)]
+    assert hook.on_stored_batch(again) == [None] * 3  # a redelivery among them changes nothing
+    monkeypatch.undo()
+    done = [state.snapshot() for state in runs]
+    assert [(status.state, status.counts.succeeded) for status in done if status] == [("completed", 4), ("completed", 2)]
+    logged = [entry["job_id"] for entry in Completions(runs[0], BulkStore(s3, bucket=bucket, prefix=settings.s3_prefix, bulk_id="run-1")).entries()]
+    assert sorted(logged) == sorted(job.job_id for job in first)  # each job once in the log
+    client.close()
+
+
+def test_with_redis_away_a_batchs_bulk_jobs_go_back(settings: Settings) -> None:
+    dead = redis.Redis(port=free_port(), socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
+    failures = BulkRuns(client=dead, s3_client=None, settings=settings).on_stored_batch(
+        [StoredJob(record_for(_job(1)), _job(1), True), StoredJob(record_for(_job(2, bulk_id=None)), _job(2, bulk_id=None), True)])
+    assert isinstance(failures[0], BackendUnavailable) and failures[1] is None  # a job of no run needs no Redis
 
 
 def test_with_redis_away_the_job_goes_back(settings: Settings) -> None:
