@@ -141,7 +141,13 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 def image_server(directory: Path, *, delay_s: float = 0.0, requests: list[str] | None = None) -> Iterator[str]:
     """Serve ``directory`` over loopback HTTP; yields the base URL. ``delay_s`` adds latency per request; ``requests`` gets each GET's path."""
 
+    open_connections: list[socket.socket] = []
+
     class Handler(_QuietHandler):
+        def setup(self) -> None:
+            super().setup()
+            open_connections.append(self.connection)
+
         def do_GET(self) -> None:
             if requests is not None:
                 requests.append(self.path)  # list.append is atomic: handler threads may race
@@ -158,6 +164,10 @@ def image_server(directory: Path, *, delay_s: float = 0.0, requests: list[str] |
     finally:
         server.shutdown()
         server.server_close()
+        # As a host going down does: the connections its clients keep end too, not only the listening socket.
+        for connection in open_connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
 
 # What a worker says once it consumes: the line it prints, its log line in text or JSON format.
