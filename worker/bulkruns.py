@@ -72,7 +72,8 @@ class BulkRuns(Hook):
         runs: dict[str, Completions] = {}
         for _, item in bulk:
             bulk_id = str(item.job.bulk_id)
-            runs[bulk_id] = runs.get(bulk_id) or self._completions(bulk_id)
+            if bulk_id not in runs:
+                runs[bulk_id] = self._completions(bulk_id)
         counted = Completions.record_many([(runs[str(item.job.bulk_id)], item.record) for _, item in bulk])
         for (index, item), outcome in zip(bulk, counted, strict=True):
             if isinstance(outcome, BackendUnavailable):

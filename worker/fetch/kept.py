@@ -37,7 +37,7 @@ class Key(NamedTuple):
 
 
 class KeptConnections:
-    """Idle connections by :class:`Key`, newest first; thread-safe (the fetch threads share one)."""
+    """Idle connections by :class:`Key`, the most recently used taken first; thread-safe (the fetch threads share one)."""
 
     def __init__(self, *, idle_s: float, per_key: int = 8, most: int = 64, clock: Callable[[], float] = time.monotonic) -> None:
         if idle_s <= 0 or per_key < 1 or most < 1:
@@ -87,7 +87,7 @@ class KeptConnections:
         _close(dropped)
 
     def close(self) -> None:
-        """Close every kept connection (the worker stopping); later fetches connect anew."""
+        """Close every kept connection now; later fetches connect anew. (A worker leaves this to its exit, where the finalizer runs.)"""
         _close_all(self._lock, self._idle)
 
     def __len__(self) -> int:
