@@ -131,6 +131,7 @@ def test_bench_fetchconn_times_a_fetch_on_new_and_kept_connections(tmp_path: Pat
         for figure in (f"{scheme}_new_cpu_ms", f"{scheme}_kept_cpu_ms"):
             assert len(result[figure]) == 2 and all(ms > 0 for ms in result[figure]), figure
         assert result[f"{scheme}_kept_reused"] == 20 + 2 * 5 - 1  # 20 unmeasured first: every fetch after the first reused one
+    assert len(result["system_trust_store_context_cpu_ms"]) == 2 and all(ms > 0 for ms in result["system_trust_store_context_cpu_ms"])
     assert (tmp_path / "fetch-keepalive.md").read_text().startswith("# One image fetch's CPU, new connection vs. kept")
 
 

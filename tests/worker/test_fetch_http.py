@@ -27,6 +27,7 @@ from tests.support.abusive_http import (
     write_self_signed_cert,
 )
 from tests.support.fake_dns import FakeDNS
+from worker.fetch.download import tls_context
 from worker.fetch.images import FetchPolicy, fetch_bytes, fetch_image
 
 MIB = 1024 * 1024
@@ -370,6 +371,19 @@ def test_https_connects_to_the_vetted_ip_with_sni_and_certificate_name(
     assert image.size == (24, 16)
     assert seen_sni == ["images.test"]
     assert fake_dns.calls == ["images.test"]
+
+
+def test_https_connections_share_one_tls_context_per_trust_store(
+    tls_origin: tuple[AbusiveServer, str, list[str | None]], fake_dns: FakeDNS
+) -> None:
+    server, cert, seen_sni = tls_origin
+    fake_dns.answers["images.test"] = [["127.0.0.1"]]
+    policy = FetchPolicy(allowed_hosts=("images.test",), ca_bundle=cert, total_timeout_s=5)  # no kept connections
+    built = tls_context.cache_info().misses
+    for _ in range(3):
+        fetch_bytes(f"https://images.test:{server.port}/png", policy)
+    assert server.connections == 3 and seen_sni == ["images.test"] * 3  # three handshakes, each verified ...
+    assert tls_context.cache_info().misses - built == 1  # ... with one context, the trust store loaded once
 
 
 def test_https_certificate_for_another_name_is_refused(
