@@ -37,6 +37,8 @@ _PUBLISHING = b"publishing"
 _QUEUED = b"queued"
 # A "publishing" claim left behind by a failed publish stops blocking resubmissions after this.
 _PUBLISHING_TTL_S = 15
+# wait() reads the result backend every poll and S3 (one or two GETs) this often: a record the backend lost is found.
+_WAIT_S3_EVERY_S = 5.0
 
 
 class VQAClient:
@@ -374,15 +376,23 @@ class VQAClient:
         # Poll the backend key rather than AsyncResult.get(): get() subscribes to Redis pub/sub
         # and leaves a subscription behind that unsubscribes in __del__, long after close().
         deadline = None if timeout is None else time.monotonic() + timeout
+        look_in_s3_at = time.monotonic() + _WAIT_S3_EVERY_S
         while True:
             record = self._record_from_backend(job_id)
             if record is not None:
                 return record
-            if deadline is not None and time.monotonic() > deadline:
-                record = self._record_from_s3(job_id)  # the backend may have missed it; S3 is authoritative
+            now = time.monotonic()
+            timed_out = deadline is not None and now > deadline
+            if timed_out or now >= look_in_s3_at:
+                # The backend may have missed it: S3 is authoritative. A Redis failover loses the
+                # writes its replica had not received, so a finished job's state can be gone for good
+                # there while its record stands in S3; without this look a wait would never end.
+                record = self._record_from_s3(job_id)
                 if record is not None:
                     return record
-                raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
+                if timed_out:
+                    raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
+                look_in_s3_at = now + _WAIT_S3_EVERY_S
             time.sleep(poll_s)
 
     def _record_from_backend(self, job_id: str) -> Record | None:
