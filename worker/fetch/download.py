@@ -164,7 +164,7 @@ def tls_context(ca_bundle: str | None) -> ssl.SSLContext:
     """The one TLS client context per trust store, shared by every https fetch of the process.
 
     Left to itself urllib3 builds a context per connection and loads the trust store into it:
-    the system's costs ~22 ms of CPU each time (docs/benchmarks/queue-cost/fetch-keepalive).
+    the system's costs 26 ms of CPU each time (docs/benchmarks/queue-cost/fetch-keepalive).
     The context verifies the chain and the host name (urllib3's defaults for CERT_REQUIRED);
     a trust store changed on disk is read at the worker's next start.
     """

@@ -3,7 +3,7 @@
 A bulk run's images mostly come from a few hosts (a CDN, a bucket's web endpoint). A new TCP
 connection per image, and over https a TLS handshake per image, is CPU and round trips spent
 again on every job (issue 14, the GPU host's CPU side): an https fetch of a bench JPEG cost
-3.28 ms of CPU over a new connection and 0.39 ms over a kept one
+4.4 ms of CPU over a new connection and 0.65 ms over a kept one
 (docs/benchmarks/queue-cost/fetch-keepalive).
 
 A connection is kept only after a response that was read to its end and did not say
