@@ -32,7 +32,7 @@ from urllib3.util.ssl_ import create_urllib3_context
 
 from bench.model import write_workloads
 from bench.preprocess import run_header, write_result
-from bench.s3put import _cpu_ms
+from bench.s3put import cpu_ms_per_call
 from worker.fetch.images import FetchPolicy, fetch_bytes
 from worker.fetch.kept import KeptConnections
 
@@ -98,21 +98,21 @@ def main(argv: list[str] | None = None) -> int:
             allowed = (f"localhost:{sock.getsockname()[1]}",)
             for label, kept in (("new", None), ("kept", KeptConnections(idle_s=60))):
                 policy = FetchPolicy(allowed_hosts=allowed, ca_bundle=cert[0], connections=kept)
-                figures[f"{scheme}_{label}_cpu_ms"] = _cpu_ms(lambda _i, p=policy: fetch_bytes(url, p), args.fetches, args.rounds)
+                figures[f"{scheme}_{label}_cpu_ms"] = cpu_ms_per_call(lambda _i, p=policy: fetch_bytes(url, p), args.fetches, args.rounds)
                 if kept is not None:
                     figures[f"{scheme}_kept_reused"] = kept.reused
             if scheme == "https" and system_store is not None:
                 # As a worker without VQA_FETCH_CA_BUNDLE trusts: the system's store (here with the bench's certificate added).
                 os.environ["SSL_CERT_FILE"] = str(system_store)
                 policy = FetchPolicy(allowed_hosts=allowed, ca_bundle=None)
-                figures["https_system_store_new_cpu_ms"] = _cpu_ms(lambda _i, p=policy: fetch_bytes(url, p), max(1, args.fetches // 10),
+                figures["https_system_store_new_cpu_ms"] = cpu_ms_per_call(lambda _i, p=policy: fetch_bytes(url, p), max(1, args.fetches // 10),
                                                                    args.rounds)
     finally:
         for server in servers:
             server.kill()
     # What urllib3 does for a new https connection when it is given no context: build one and load the
     # system's trust store into it (the fetches share one context per trust store now).
-    figures["system_trust_store_context_cpu_ms"] = _cpu_ms(lambda _i: create_urllib3_context().load_default_certs(), 10, args.rounds)
+    figures["system_trust_store_context_cpu_ms"] = cpu_ms_per_call(lambda _i: create_urllib3_context().load_default_certs(), 10, args.rounds)
 
     result = {
         **run_header("bench.fetchconn", argv, fetches_per_round=args.fetches, rounds=args.rounds),

@@ -45,7 +45,7 @@ def _record(job_id: str) -> Record:
                   submitted_at=now, started_at=now, finished_at=now)
 
 
-def _cpu_ms(step: Callable[[int], Any], n: int, rounds: int) -> list[float]:
+def cpu_ms_per_call(step: Callable[[int], Any], n: int, rounds: int) -> list[float]:
     """CPU ms per call of ``step(i)``, one figure per round of ``n`` calls (after 20 unmeasured ones)."""
     for i in range(20):
         step(-1 - i)
@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         client.create_bucket(Bucket=settings.s3_bucket)
         store = RecordStore(settings, s3_client=client, app=None, marks=None)  # type: ignore[arg-type]
         records = {i: _record(f"job-{i}") for i in range(-20, args.rounds * args.writes)}
-        put = _cpu_ms(lambda i: store.write(records[i], drop_failed=False), args.writes, args.rounds)
+        put = cpu_ms_per_call(lambda i: store.write(records[i], drop_failed=False), args.writes, args.rounds)
 
         jobs_redis = redis.Redis.from_url(server.url)
-        get = _cpu_ms(lambda i: jobs_redis.get("vqa:absent"), args.writes, args.rounds)
+        get = cpu_ms_per_call(lambda i: jobs_redis.get("vqa:absent"), args.writes, args.rounds)
 
         def eight(_: int) -> None:
             pipe = jobs_redis.pipeline(transaction=False)
@@ -85,14 +85,14 @@ def main(argv: list[str] | None = None) -> int:
                 pipe.hdel("vqa:absent-hash", f"tag-{n}")
             pipe.execute()
 
-        pipelined = _cpu_ms(eight, args.writes, args.rounds)
+        pipelined = cpu_ms_per_call(eight, args.writes, args.rounds)
 
         def thread(_: int) -> None:
             started = threading.Thread(target=lambda: None)
             started.start()
             started.join()
 
-        threads = _cpu_ms(thread, args.writes, args.rounds)
+        threads = cpu_ms_per_call(thread, args.writes, args.rounds)
     finally:
         s3.stop()
         server.stop()

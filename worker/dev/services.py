@@ -141,12 +141,16 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 def image_server(directory: Path, *, delay_s: float = 0.0, requests: list[str] | None = None) -> Iterator[str]:
     """Serve ``directory`` over loopback HTTP; yields the base URL. ``delay_s`` adds latency per request; ``requests`` gets each GET's path."""
 
-    open_connections: list[socket.socket] = []
+    open_connections: set[socket.socket] = set()  # the ones a handler still serves (set.add/discard are atomic)
 
     class Handler(_QuietHandler):
         def setup(self) -> None:
             super().setup()
-            open_connections.append(self.connection)
+            open_connections.add(self.connection)
+
+        def finish(self) -> None:
+            open_connections.discard(self.connection)
+            super().finish()
 
         def do_GET(self) -> None:
             if requests is not None:
@@ -165,7 +169,7 @@ def image_server(directory: Path, *, delay_s: float = 0.0, requests: list[str] |
         server.shutdown()
         server.server_close()
         # As a host going down does: the connections its clients keep end too, not only the listening socket.
-        for connection in open_connections:
+        for connection in list(open_connections):
             with contextlib.suppress(OSError):
                 connection.shutdown(socket.SHUT_RDWR)
 
