@@ -66,8 +66,11 @@ def _system_store_with(cert: str, path: Path) -> Path | None:
 
 
 def _listening() -> socket.socket:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    # On the address "localhost" resolves to first (::1 on some machines): a fetch of localhost connects
+    # there first, so a server on the other loopback would add a refused connect to every new connection.
+    family, _, _, _, address = socket.getaddrinfo("localhost", 0, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family)
+    sock.bind(address[:2])
     sock.listen(64)
     return sock
 
