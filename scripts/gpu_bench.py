@@ -10,8 +10,11 @@ bitsandbytes ``Linear4bit``, as ``from_pretrained(load_in_4bit=True)`` does. For
 (dtype x attention kernel) it measures images/s, prompt tokens/s (prefill) and generated
 tokens/s (decode) at batch sizes 1, 2, 4, ... until out of memory, plus the model card's
 one-image-at-a-time loop as the baseline, all in one run; ``--image-grid full,2x2,2x1,1x1``
-repeats each variant's sweep at each image-detail setting (fewer tiles, fewer image tokens). Every answer is forced to the
-same length (min_new_tokens = max_new_tokens) so random weights cannot stop early.
+repeats each variant's sweep at each image-detail setting (fewer tiles, fewer image tokens); and per variant, at the
+first grid, ``--questions-per-image`` questions about each of ``--share-batch`` pictures run through the worker's own
+engine (``worker.model.VQAModel.generate_batch``) with ``VQA_SHARE_IMAGE_PREFIX`` off and on: questions/s both ways and
+how many greedy answers agree. Every answer is forced to the same length (min_new_tokens = max_new_tokens) so random
+weights cannot stop early.
 
 The prompt is the model card's; without the Vicuna tokenizer its text part is stood in for by
 ``--text-tokens`` random ids (about what the card's prompt tokenizes to), and the image part
@@ -54,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-images", type=int, default=8, help="images through the card's one-at-a-time loop")
     parser.add_argument("--image-grid", default="full", help="comma-separated detail settings, e.g. full,2x2,2x1,1x1 "
                         "(VQA_IMAGE_GRID / a job's image_grid): each variant is swept at each")
+    parser.add_argument("--questions-per-image", default="3", help="comma-separated counts for the shared-prefix rows, e.g. 1,3,5 "
+                        "(empty: none)")
+    parser.add_argument("--share-batch", type=int, default=8, help="the worker's batch size for the shared-prefix rows "
+                        "(VQA_MAX_BATCH_SIZE); as many pictures as that, each asked every count's questions")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/benchmarks/gpu", help="gpu_results.{json,md} go here")
     args = parser.parse_args(argv)
 
@@ -76,32 +83,47 @@ def main(argv: list[str] | None = None) -> int:
         entry.update(build_s=round(build_s, 1), weights_gib=round(_weights_bytes(model) / 2**30, 2))
         checkpoint = [list(point) for point in model.config.image_grid_pinpoints]
         for grid in args.image_grid.split(","):
-            # As the worker does (worker/model.py): the processor and the model config take the same pinpoints.
-            pinpoints = limit_pinpoints(checkpoint, model.config.vision_config.image_size, parse_grid(grid))
-            model.config.image_grid_pinpoints = processor.image_grid_pinpoints = pinpoints
-            prompt = _prompt(model, processor, image, text_tokens=args.text_tokens)
-            at_grid = {**entry, "image_grid": grid, "prompt_tokens": prompt["tokens"], "image_tiles": prompt["tiles"],
-                       "image_tokens": image_token_count(model.config, image.height, image.width)}
-            if not baseline_done and not dtype_name.startswith("nf4"):
-                # The model card: fp16, one image at a time, preprocessing inside the loop, its own full grid.
-                result["baseline"] = {"dtype": dtype_name, "attention": attn, "image_grid": grid,
-                                      **card_loop(model, processor, image, prompt, images=args.baseline_images, new_tokens=args.max_new_tokens)}
-                baseline_done = True
-            at_grid["batches"] = sweep(model, prompt, batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
-                                       new_tokens=args.max_new_tokens, repeats=args.repeats)
+            at_grid: dict[str, Any] = {**entry, "image_grid": grid}
+            try:
+                # As the worker does (worker/model.py): the processor and the model config take the same pinpoints.
+                pinpoints = limit_pinpoints(checkpoint, model.config.vision_config.image_size, parse_grid(grid))
+                model.config.image_grid_pinpoints = processor.image_grid_pinpoints = pinpoints
+                prompt = _prompt(model, processor, image, text_tokens=args.text_tokens)
+                at_grid.update(prompt_tokens=prompt["tokens"], image_tiles=prompt["tiles"],
+                               image_tokens=image_token_count(model.config, image.height, image.width))
+                if not baseline_done and not dtype_name.startswith("nf4"):
+                    # The model card: fp16, one image at a time, preprocessing inside the loop, its own full grid.
+                    result["baseline"] = {"dtype": dtype_name, "attention": attn, "image_grid": grid,
+                                          **card_loop(model, processor, image, prompt, images=args.baseline_images, new_tokens=args.max_new_tokens)}
+                    baseline_done = True
+                at_grid["batches"] = sweep(model, prompt, batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
+                                           new_tokens=args.max_new_tokens, repeats=args.repeats)
+                if grid == args.image_grid.split(",")[0] and args.questions_per_image:
+                    at_grid["shared_prefix"] = shared_prefix(
+                        model, processor, [int(n) for n in args.questions_per_image.split(",")],
+                        quantization="nf4" if dtype_name == "nf4" else "none", width=width, height=height,
+                        batch=args.share_batch, text_tokens=args.text_tokens, new_tokens=args.max_new_tokens, rounds=args.repeats)
+            except Exception as exc:  # noqa: BLE001 - one variant's failure (a kernel missing on this card) must not cost the others
+                at_grid["error"] = f"{type(exc).__name__}: {exc}"[:500]
+                say(f"  failed: {at_grid['error']}")
             result["variants"].append(at_grid)
+            _write(result, args.out)  # after every point: a run cut short still leaves what it measured
         del model
         _free(device)
-    result["meta"]["duration_s"] = round(time.monotonic() - START, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "gpu_results.md").write_text(markdown(result))
+    _write(result, args.out)
     print(markdown(result))
     print(f"wrote {args.out}/gpu_results.json and gpu_results.md")
     return 0
 
 
 START = time.monotonic()
+
+
+def _write(result: dict[str, Any], out: Path) -> None:
+    result["meta"]["duration_s"] = round(time.monotonic() - START, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "gpu_results.md").write_text(markdown(result))
 
 
 def _device(requested: str) -> str:
@@ -171,9 +193,9 @@ def _to_nf4(model: Any, compute: torch.dtype, device: str) -> None:
     gc.collect()
 
 
-def _picture(width: int, height: int) -> Image.Image:
-    image = Image.new("RGB", (width, height), (40, 120, 200))
-    ImageDraw.Draw(image).rectangle([width // 4, height // 4, width // 2, height // 2], fill=(250, 200, 10))
+def _picture(width: int, height: int, seed: int = 0) -> Image.Image:
+    image = Image.new("RGB", (width, height), ((40 + 37 * seed) % 256, (120 + 91 * seed) % 256, 200))
+    ImageDraw.Draw(image).rectangle([width // 4, height // 4, width // 2, height // 2], fill=(250, 200, (10 + 53 * seed) % 256))
     return image
 
 
@@ -244,19 +266,94 @@ def sweep(model: Any, prompt: dict[str, Any], *, batch_sizes: list[int], new_tok
             rows.append({"batch_size": batch, "oom": True})
             _free(device)
             break
-        decode = max(full - prefill, 1e-9)
+        decode = full - prefill  # not positive when noise made the one-token runs the slower: no decode rate then
         row = {
             "batch_size": batch,
             "ms_per_batch": round(1000 * full, 1),
             "images_per_s": round(batch / full, 3),
             "prefill_ms": round(1000 * prefill, 1),
             "prompt_tokens_per_s": round(batch * prompt["tokens"] / prefill, 1),
-            "generated_tokens_per_s": round(batch * (new_tokens - 1) / decode, 1),
+            "generated_tokens_per_s": round(batch * (new_tokens - 1) / decode, 1) if decode > 0 else None,
         }
         if device.startswith("cuda"):
             row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         rows.append(row)
         del inputs
+    return rows
+
+
+class _IdsTokenizer:
+    """Bench-only stand-in for the Vicuna tokenizer the 7B shape is built without: what the worker's engine asks of one.
+
+    An answer "decodes" to its token ids, so answers compare exactly; nothing is made up.
+    """
+
+    def __init__(self, pad_token_id: int, eos_token_id: int) -> None:
+        self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
+
+    def batch_decode(self, rows: list[torch.Tensor], skip_special_tokens: bool = True) -> list[str]:
+        return [" ".join(str(int(t)) for t in row) for row in rows]
+
+
+def shared_prefix(model: Any, processor: Any, counts: list[int], *, quantization: str, width: int, height: int, batch: int,
+                  text_tokens: int, new_tokens: int, rounds: int) -> list[dict[str, Any]]:
+    """Per count of questions per image: questions/s through the worker's engine with prefix sharing off and on.
+
+    ``batch`` pictures (one size, different pixels), each asked ``count`` questions (the same prompt up to
+    the end of the image, a different question after it), in batches of ``batch`` formed image by image
+    as the worker's batcher forms them; ``rounds`` off/on pairs, the order alternating; best round each way.
+    """
+    from types import SimpleNamespace
+
+    from worker.model import ModelInputs, VQAModel
+    from worker.prefix import image_key
+
+    dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+    pad = model.generation_config.pad_token_id
+    tokenizer = _IdsTokenizer(pad, model.generation_config.eos_token_id)
+    engine = VQAModel(name="gpu_bench", processor=SimpleNamespace(tokenizer=tokenizer), model=model,  # type: ignore[arg-type]
+                      quantization=quantization, device=str(model.device), dtype=dtype,
+                      checkpoint_pinpoints=model.config.image_grid_pinpoints)
+    pinpoints = tuple((int(h), int(w)) for h, w in model.config.image_grid_pinpoints)
+    images = []
+    for seed in range(batch):
+        prompt = _prompt(model, processor, _picture(width, height, seed), text_tokens=text_tokens)
+        ids = prompt["input_ids"]
+        cut = int((ids == model.config.image_token_id).nonzero()[-1, 0]) + 1  # the prompt up to the end of the image
+        images.append((ids[:cut], ids[cut:], prompt, image_key(prompt["pixel_values"], prompt["image_size"])))
+    generation = SimpleNamespace(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    vocab = min(model.config.text_config.vocab_size, model.config.image_token_id) - 1
+    rows = []
+    for count in counts:
+        say(f"  shared prefix: {count} questions per image, batch {batch}")
+        jobs = []
+        for prefix, tail, prompt, key in images:
+            for q in range(count):
+                # A different question per index (the same one for every image), then the prompt's own end.
+                question = torch.randint(3, vocab, (8,), generator=torch.Generator().manual_seed(1000 + q))
+                jobs.append(ModelInputs(input_ids=torch.cat([prefix, question, tail]), pixel_values=prompt["pixel_values"],
+                                        image_size=prompt["image_size"], image_key=key, pinpoints=pinpoints))
+        batches = [jobs[start : start + batch] for start in range(0, len(jobs), batch)]
+        timings: dict[bool, list[float]] = {False: [], True: []}
+        answers: dict[bool, list[str]] = {}
+        tokens: dict[bool, float] = {}
+        for round_ in range(rounds):
+            for shared in ((False, True) if round_ % 2 == 0 else (True, False)):
+                engine.share_image_prefix = shared
+                engine.generate_batch(batches[0], generation)  # type: ignore[arg-type]  # warm-up
+                before = engine.computed_prompt_tokens
+                start = time.perf_counter()
+                got = [answer.text for chunk in batches for answer in engine.generate_batch(chunk, generation)]  # type: ignore[arg-type]
+                timings[shared].append(time.perf_counter() - start)
+                answers[shared] = got
+                tokens[shared] = (engine.computed_prompt_tokens - before) / len(jobs)
+        off, on = len(jobs) / min(timings[False]), len(jobs) / min(timings[True])
+        rows.append({
+            "questions_per_image": count, "images": batch, "questions": len(jobs), "batch": batch,
+            "questions_per_s_without": round(off, 3), "questions_per_s_with": round(on, 3), "speedup": round(on / off, 3),
+            "prompt_tokens_per_question_without": round(tokens[False], 1), "prompt_tokens_per_question_with": round(tokens[True], 1),
+            "answers_agreeing": sum(a == b for a, b in zip(answers[False], answers[True], strict=True)),
+        })
     return rows
 
 
@@ -322,17 +419,28 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["| dtype | attention | grid | image tokens | batch | images/s | x card | prompt tok/s | generated tok/s | prefill ms | peak GiB |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for v in result["variants"]:
-        if "error" in v:
-            lines.append(f"| {v['dtype']} | {v['attention']} | | | - | {v['error']} | | | | | |")
-            continue
         where = f"| {v['dtype']} | {v['attention']} | {v.get('image_grid', 'full')} | {v.get('image_tokens', '')} "
-        for row in v["batches"]:
+        if "error" in v:  # beside what it measured before the failure, if anything
+            lines.append(f"{where}| - | {v['error']} | | | | | |")
+        for row in v.get("batches", []):
             if row.get("oom"):
                 lines.append(f"{where}| {row['batch_size']} | out of memory | | | | | |")
                 continue
             speedup = round(row["images_per_s"] / base["images_per_s"], 2) if base else ""
             lines.append(f"{where}| {row['batch_size']} | {row['images_per_s']} | {speedup} "
                          f"| {row['prompt_tokens_per_s']} | {row['generated_tokens_per_s']} | {row['prefill_ms']} | {row.get('peak_memory_gib', '')} |")
+    shared = [(v, row) for v in result["variants"] for row in v.get("shared_prefix", [])]
+    if shared:
+        lines += ["", "Shared image prefixes, through the worker's engine (`VQA_SHARE_IMAGE_PREFIX` off / on; best of the rounds "
+                  "each way; batches formed image by image):", "",
+                  "| dtype | attention | questions/image | questions | batch | q/s without | q/s with | speedup "
+                  "| prompt tokens/question without | with | greedy answers agreeing |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for v, row in shared:
+            lines.append(f"| {v['dtype']} | {v['attention']} | {row['questions_per_image']} | {row['questions']} | {row['batch']} "
+                         f"| {row['questions_per_s_without']} | {row['questions_per_s_with']} | {row['speedup']}x "
+                         f"| {row['prompt_tokens_per_question_without']} | {row['prompt_tokens_per_question_with']} "
+                         f"| {row['answers_agreeing']}/{row['questions']} |")
     return "\n".join(lines) + "\n"
 
 
