@@ -1,9 +1,11 @@
 #!/bin/sh
-# Wheels that scripts/gpu_bench.py needs on a GPU host whose image has torch and transformers but
-# not these (no registry is reachable there): bitsandbytes for nf4, and what worker.model imports
-# (pydantic, pydantic-settings, kombu's URL helper). Into .whl/ (git-ignored), at the versions
-# this checkout's .venv has (the ones the tests ran), for that host's CPython 3.12 on x86-64.
-# About 47 MB, bitsandbytes 43 of it. On the host:
+# Wheels that scripts/gpu_bench.py needs on a GPU host whose image has torch and an older
+# transformers but not these (no registry is reachable there): transformers itself (the worker
+# needs >= 5.24; the device image had 5.17) with the huggingface_hub it needs, bitsandbytes for
+# nf4, and what worker.model imports (pydantic, pydantic-settings, kombu's URL helper). Into .whl/
+# (git-ignored), at the versions this checkout's .venv has (the ones the tests ran), for that
+# host's CPython 3.12 on x86-64. 59 MiB, bitsandbytes 41 of it: with the ~3 MiB working tree,
+# under the device tool's 64 MiB. On the host:
 #
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 #   PYTHONPATH=/tmp/site:$PWD python3 scripts/gpu_bench.py ...
