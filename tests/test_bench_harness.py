@@ -171,6 +171,24 @@ def test_gpu_bench_small_config_on_cpu(tmp_path: Path) -> None:
     assert "| nf4 | sdpa | 1x1 |" in text and "| fp32 | sdpa | 3 | 24 | 8 |" in text
 
 
+def test_gpu_host_imports_need_no_queue_or_aws_packages() -> None:
+    """What a lent GPU host runs (scripts/gpu_bench.py, bench.preprocess) imports without celery, redis or the AWS SDK.
+
+    Its image has none of them and no registry: scripts/gpu_wheels.sh carries only what these
+    imports need (docs/benchmarks/README.md, "GPU figures").
+    """
+    blocked = ["celery", "redis", "boto3", "botocore", "s3transfer", "fastapi", "prometheus_client"]
+    code = "\n".join([
+        "import sys",
+        *(f"sys.modules[{name!r}] = None" for name in blocked),  # an import of any of them raises ImportError
+        f"sys.path.insert(0, {str(SCRIPTS)!r})",
+        "import gpu_bench, worker.model, worker.prefix, bench.preprocess",
+        "print('imported')",
+    ])
+    done = _run(["-c", code], timeout=120)
+    assert done.stdout.strip().endswith("imported")
+
+
 def test_gpu_bench_counts_image_tokens_like_the_processor(tiny_model_dir: Path) -> None:
     """gpu_bench has no tokenizer for the 7B: its image-token count must equal the real processor's."""
     sys.path.insert(0, str(SCRIPTS))

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin
 
 import urllib3.exceptions
-from botocore.exceptions import BotoCoreError, ClientError
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.util.ssl_ import create_urllib3_context
 from urllib3.util.ssl_match_hostname import CertificateError
@@ -292,6 +291,10 @@ _S3_TRANSIENT = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "R
 
 def fetch_s3(url: str, policy: FetchPolicy, *, s3_client: Any, deadline: float) -> bytes:
     """Read ``s3://bucket/key`` (bucket in ``policy.allowed_s3_buckets``) through ``s3_client``."""
+    # Here, not at the top: fetching over http needs no AWS SDK (bench.preprocess runs on a GPU
+    # host that has none); an s3_client means botocore is there.
+    from botocore.exceptions import BotoCoreError, ClientError
+
     bucket, key = _parse_s3_url(url)
     if bucket not in policy.allowed_s3_buckets:
         raise ImageRejected(f"images cannot be read from S3 bucket {bucket!r}; it is not an image bucket", code="blocked_address")
