@@ -305,8 +305,9 @@ def shared_prefix(model: Any, processor: Any, counts: list[int], *, quantization
     """
     from types import SimpleNamespace
 
+    from producer.schema import GenerationSettings
     from worker.model import ModelInputs, VQAModel
-    from worker.prefix import image_key
+    from worker.prefix import image_key, prefix_length
 
     dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
     pad = model.generation_config.pad_token_id
@@ -319,9 +320,9 @@ def shared_prefix(model: Any, processor: Any, counts: list[int], *, quantization
     for seed in range(batch):
         prompt = _prompt(model, processor, _picture(width, height, seed), text_tokens=text_tokens)
         ids = prompt["input_ids"]
-        cut = int((ids == model.config.image_token_id).nonzero()[-1, 0]) + 1  # the prompt up to the end of the image
+        cut = prefix_length(ids, model.config.image_token_id)  # the prompt up to the end of the image
         images.append((ids[:cut], ids[cut:], prompt, image_key(prompt["pixel_values"], prompt["image_size"])))
-    generation = SimpleNamespace(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    generation = GenerationSettings(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     vocab = min(model.config.text_config.vocab_size, model.config.image_token_id) - 1
     rows = []
     for count in counts:
@@ -340,10 +341,10 @@ def shared_prefix(model: Any, processor: Any, counts: list[int], *, quantization
         for round_ in range(rounds):
             for shared in ((False, True) if round_ % 2 == 0 else (True, False)):
                 engine.share_image_prefix = shared
-                engine.generate_batch(batches[0], generation)  # type: ignore[arg-type]  # warm-up
+                engine.generate_batch(batches[0], generation)  # warm-up
                 before = engine.computed_prompt_tokens
                 start = time.perf_counter()
-                got = [answer.text for chunk in batches for answer in engine.generate_batch(chunk, generation)]  # type: ignore[arg-type]
+                got = [answer.text for chunk in batches for answer in engine.generate_batch(chunk, generation)]
                 timings[shared].append(time.perf_counter() - start)
                 answers[shared] = got
                 tokens[shared] = (engine.computed_prompt_tokens - before) / len(jobs)

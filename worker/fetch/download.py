@@ -291,15 +291,15 @@ _S3_TRANSIENT = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "R
 
 def fetch_s3(url: str, policy: FetchPolicy, *, s3_client: Any, deadline: float) -> bytes:
     """Read ``s3://bucket/key`` (bucket in ``policy.allowed_s3_buckets``) through ``s3_client``."""
-    # Here, not at the top: fetching over http needs no AWS SDK (bench.preprocess runs on a GPU
-    # host that has none); an s3_client means botocore is there.
-    from botocore.exceptions import BotoCoreError, ClientError
-
     bucket, key = _parse_s3_url(url)
     if bucket not in policy.allowed_s3_buckets:
         raise ImageRejected(f"images cannot be read from S3 bucket {bucket!r}; it is not an image bucket", code="blocked_address")
     if s3_client is None:
         raise ImageRejected("s3:// image URLs are not enabled on this worker", code="bad_scheme")
+    # Here, not at the top: fetching over http needs no AWS SDK (bench.preprocess runs on a GPU
+    # host that has none); an s3_client means botocore is there.
+    from botocore.exceptions import BotoCoreError, ClientError
+
     where = f"s3://{bucket}/{key}"
     try:
         response = s3_client.get_object(Bucket=bucket, Key=key)
