@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 from transformers import (
     BitsAndBytesConfig,
-    DynamicCache,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
 )
@@ -29,6 +28,7 @@ from producer.image_grid import FULL, effective_grid, limit_pinpoints, parse_gri
 from producer.schema import GenerationSettings
 from producer.settings import Settings
 from worker.engine import Answer
+from worker.kvcache import ReservedCache
 from worker.prescale import Prescaler
 from worker.prefix import PrefixGroup, group_by_prefix, image_key, prefix_batch, prefix_length, suffix_rows
 
@@ -341,8 +341,9 @@ class VQAModel:
 
     def _generate_padded(self, items: Sequence[ModelInputs], kwargs: dict[str, Any]) -> list[torch.Tensor]:
         """One padded batch through generate; each row's new tokens."""
-        inputs = {name: tensor.to(self.model.device) for name, tensor in self._collate(items).items()}
+        inputs: dict[str, Any] = {name: tensor.to(self.model.device) for name, tensor in self._collate(items).items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        inputs["cache"] = self._new_cache(reserve=kwargs["max_new_tokens"])
         self.computed_prompt_tokens += int(inputs["input_ids"].numel())
         output = self._generate(inputs, kwargs)
         # With left padding every row's prompt ends at the same column: the rest is the answer.
@@ -355,7 +356,10 @@ class VQAModel:
         firsts = [items[group.indices[0]] for group in groups]
         prefix_ids, prefix_mask, position_ids = prefix_batch([item.input_ids[: group.prefix_len] for item, group in zip(firsts, groups, strict=True)], pad)
         pixels = _stack_tiles([item.pixel_values for item in firsts])
-        cache = DynamicCache(config=self.model.config.get_text_config())
+        members = [(row, index, group.prefix_len) for row, group in enumerate(groups) for index in group.indices]
+        input_ids, attention_mask = suffix_rows(prefix_ids, prefix_mask, [(row, items[index].input_ids[length:]) for row, index, length in members], pad)
+        # Room past the prefix for the suffixes' columns and the answers.
+        cache = self._new_cache(reserve=input_ids.shape[1] - prefix_ids.shape[1] + kwargs["max_new_tokens"])
         self.model(
             input_ids=prefix_ids.to(device),
             attention_mask=prefix_mask.to(device),
@@ -366,14 +370,15 @@ class VQAModel:
             use_cache=True,
             logits_to_keep=1,  # the prefixes' logits are never read
         )
-        members = [(row, index, group.prefix_len) for row, group in enumerate(groups) for index in group.indices]
         cache.batch_select_indices(torch.tensor([row for row, _, _ in members], device=device))  # one cache row per question
-        input_ids, attention_mask = suffix_rows(prefix_ids, prefix_mask, [(row, items[index].input_ids[length:]) for row, index, length in members], pad)
         self.computed_prompt_tokens += int(prefix_ids.numel()) + len(members) * (input_ids.shape[1] - prefix_ids.shape[1])
         inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "cache": cache}
         # generate feeds only the columns past the cache; no image tokens are left there, so no pixels.
         output = self._generate(inputs, kwargs)
         return {index: row for (_, index, _), row in zip(members, output[:, input_ids.shape[1] :].cpu(), strict=True)}
+
+    def _new_cache(self, *, reserve: int) -> ReservedCache:
+        return ReservedCache(self.model.config.get_text_config(), reserve=reserve)
 
     def _collate(self, items: Sequence[ModelInputs]) -> dict[str, torch.Tensor]:
         """What the processor gives for a batch: prompts left-padded to a multiple of 16, tiles zero-padded."""

@@ -135,7 +135,7 @@ def test_no_image_with_two_questions_runs_the_plain_padded_batch(vqa: VQAModel, 
     generate = vqa._generate
     monkeypatch.setattr(vqa, "_generate", lambda inputs, kwargs: calls.append(sorted(inputs)) or generate(inputs, kwargs))
     assert [answer.text for answer in vqa.generate_batch(items, GREEDY)] == solo
-    assert calls == [["attention_mask", "image_sizes", "input_ids", "pixel_values"]]
+    assert calls == [["attention_mask", "cache", "image_sizes", "input_ids", "pixel_values"]]
 
 
 @pytest.mark.parametrize("size", IMAGE_SIZES, ids=[f"{w}x{h}" for w, h in IMAGE_SIZES])
