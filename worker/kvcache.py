@@ -83,6 +83,13 @@ class ReservedLayer(DynamicLayer):
     def offload(self) -> None:
         raise NotImplementedError("ReservedCache does not offload: use DynamicCache(offloading=True)")
 
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        """Take ``keys``/``values`` (room past ``length`` included) as this layer's buffers, without a copy."""
+        self.device = keys.device
+        self.is_initialized = True
+        self._key_buffer, self._value_buffer, self.length = keys, values, length
+        self._expose()
+
     def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
         key_buffer = key_states.new_empty((*key_states.shape[:-2], capacity, key_states.shape[-1]))
         value_buffer = value_states.new_empty((*value_states.shape[:-2], capacity, value_states.shape[-1]))
@@ -110,3 +117,26 @@ class ReservedCache(DynamicCache):
         # Other layer kinds (sliding windows) keep their own bookkeeping; LLaVA-NeXT's Llama and
         # Mistral text models have full-attention layers only.
         self.layers = [ReservedLayer(reserve) if type(layer) is DynamicLayer else layer for layer in self.layers]
+
+    @classmethod
+    def from_rows(cls, config: Any, rows: list[list[tuple[torch.Tensor, torch.Tensor]]], *, width: int, reserve: int) -> ReservedCache:
+        """A cache of ``len(rows)`` rows: ``rows[r][layer]`` is that row's ``(keys, values)``, shaped (heads, tokens, head_dim).
+
+        Each row is right-aligned in ``width`` columns (the left padding zeros, which the
+        attention mask hides), with room for ``reserve`` more: the layout of a left-padded
+        prefill, built from prefixes that were computed apart.
+        """
+        cache = cls(config, reserve=reserve)
+        for index, layer in enumerate(cache.layers):
+            if not isinstance(layer, ReservedLayer):
+                raise ValueError(f"layer {index} is a {type(layer).__name__}: rows can only be assembled into full-attention layers")
+            sample_keys, sample_values = rows[0][index]
+            heads, _, head_dim = sample_keys.shape
+            keys = sample_keys.new_zeros((len(rows), heads, width + reserve, head_dim))
+            values = sample_values.new_zeros((len(rows), sample_values.shape[0], width + reserve, sample_values.shape[-1]))
+            for row, layers in enumerate(rows):
+                row_keys, row_values = layers[index]
+                keys[row, :, width - row_keys.shape[1] : width].copy_(row_keys)
+                values[row, :, width - row_values.shape[1] : width].copy_(row_values)
+            layer.adopt(keys, values, width)
+        return cache

@@ -120,6 +120,10 @@ class VQAModel:
         # The checkpoint's own pinpoints, before any limit: each job's grid is cut from these.
         self._checkpoint_pinpoints = [list(point) for point in (checkpoint_pinpoints or model.config.image_grid_pinpoints)]
         self._grid_pinpoints: dict[str, tuple[tuple[int, int], ...]] = {}
+        # The last shared batch's last image prefix, per layer (keys, values): a batch boundary
+        # that splits an image's questions costs no second prefill of it (model thread only).
+        self._carried: dict[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._carry_in: dict[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         # Fast tokenizers must not be used from two threads at once: each thread gets a copy.
         self._local = threading.local()
         # Prompt tokens the model was given vs. what padding made it compute (model thread only).
@@ -278,6 +282,9 @@ class VQAModel:
             return []
         kwargs = _generate_kwargs(generation, self.processor.tokenizer)
         rows: dict[int, torch.Tensor] = {}
+        # What the last call carried is offered to this one only: at most one image prefix is
+        # held between batches.
+        self._carry_in, self._carried = self._carried, {}
         try:
             with torch.inference_mode():
                 # The worker batches jobs of one grid together; a mixed list (a direct caller)
@@ -285,11 +292,15 @@ class VQAModel:
                 for pinpoints, indices in _by_pinpoints(items).items():
                     self._use_pinpoints(pinpoints)
                     rows.update(self._generate_rows(items, indices, kwargs))
-        except RuntimeError as exc:  # torch.OutOfMemoryError (= torch.cuda.OutOfMemoryError) included
-            if not _is_out_of_memory(exc):
+        except BaseException as exc:
+            self._carried = {}  # the batch will be split or retried: nothing of it is held on to
+            # torch.OutOfMemoryError (= torch.cuda.OutOfMemoryError) is a RuntimeError
+            if not (isinstance(exc, RuntimeError) and _is_out_of_memory(exc)):
                 raise
             _release_cached_memory()
             raise OutOfMemory(f"out of memory generating a batch of {len(items)}: {exc}") from exc
+        finally:
+            self._carry_in = {}
         new_tokens = [rows[i] for i in range(len(items))]
         texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         image_token = self.model.config.image_token_id
@@ -317,11 +328,13 @@ class VQAModel:
         groups: list[PrefixGroup] = []
         alone = list(indices)
         if self.share_image_prefix:
-            found, unkeyed = group_by_prefix([self._prefix_key(items[i]) for i in indices])
-            # Only worth two model calls when some image has 2+ questions; then every keyed
-            # job joins the shared call (a single question is a group of one), so the batch
-            # still runs as one generate.
-            if any(len(group.indices) > 1 for group in found):
+            keys = [self._prefix_key(items[i]) for i in indices]
+            found, unkeyed = group_by_prefix(keys)
+            # Only worth two model calls when some image has 2+ questions, or its prefix was
+            # carried from the last batch; then every keyed job joins the shared call (a single
+            # question is a group of one), so the batch still runs as one generate.
+            carried = {key[:2] for key in self._carry_in}
+            if any(len(group.indices) > 1 for group in found) or any(key in carried for key in keys if key is not None):
                 groups = [PrefixGroup(tuple(indices[i] for i in group.indices), group.prefix_len) for group in found]
                 alone = [indices[i] for i in unkeyed]
         rows: dict[int, torch.Tensor] = {}
@@ -350,32 +363,63 @@ class VQAModel:
         return list(output[:, inputs["input_ids"].shape[1] :].cpu())
 
     def _generate_shared(self, items: Sequence[ModelInputs], groups: list[PrefixGroup], kwargs: dict[str, Any]) -> dict[int, torch.Tensor]:
-        """Prefill each group's image prefix once (one forward for all), then every question from its row of that cache."""
+        """Prefill each group's image prefix once (one forward for all), then every question from its row of that cache.
+
+        A prefix carried from the previous batch (an image whose questions the batch boundary
+        split) is not computed again; this batch's last prefix is carried to the next.
+        """
         device = self.model.device
         pad = self.processor.tokenizer.pad_token_id
         firsts = [items[group.indices[0]] for group in groups]
-        prefix_ids, prefix_mask, position_ids = prefix_batch([item.input_ids[: group.prefix_len] for item, group in zip(firsts, groups, strict=True)], pad)
-        pixels = _stack_tiles([item.pixel_values for item in firsts])
+        keys = [self._carry_key(item, group.prefix_len) for item, group in zip(firsts, groups, strict=True)]
+        prefixes = [item.input_ids[: group.prefix_len] for item, group in zip(firsts, groups, strict=True)]
+        # The layout every question's cache row takes: its prefix right-aligned in the widest's columns.
+        prefix_ids, prefix_mask, _ = prefix_batch(prefixes, pad)
         members = [(row, index, group.prefix_len) for row, group in enumerate(groups) for index in group.indices]
         input_ids, attention_mask = suffix_rows(prefix_ids, prefix_mask, [(row, items[index].input_ids[length:]) for row, index, length in members], pad)
-        # Room past the prefix for the suffixes' columns and the answers.
-        cache = self._new_cache(reserve=input_ids.shape[1] - prefix_ids.shape[1] + kwargs["max_new_tokens"])
+        states = {row: self._carry_in[key] for row, key in enumerate(keys) if key in self._carry_in}
+        fresh = [row for row in range(len(groups)) if row not in states]
+        if fresh:
+            states.update(self._prefill([firsts[row] for row in fresh], [prefixes[row] for row in fresh], fresh))
+        # Kept apart from this batch's cache (a copy, so the rest of it can be freed): the next
+        # batch may hold more questions about this batch's last image.
+        self._carried = {keys[-1]: [(k.clone(), v.clone()) for k, v in states[len(groups) - 1]]}
+        cache = ReservedCache.from_rows(
+            self.model.config.get_text_config(), [states[row] for row, _, _ in members], width=prefix_ids.shape[1],
+            reserve=input_ids.shape[1] - prefix_ids.shape[1] + kwargs["max_new_tokens"],  # the suffixes' columns and the answers
+        )
+        self.computed_prompt_tokens += len(members) * (input_ids.shape[1] - prefix_ids.shape[1])
+        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "cache": cache}
+        # generate feeds only the columns past the cache; no image tokens are left there, so no pixels.
+        output = self._generate(inputs, kwargs)
+        return {index: row for (_, index, _), row in zip(members, output[:, input_ids.shape[1] :].cpu(), strict=True)}
+
+    def _prefill(self, firsts: list[ModelInputs], prefixes: list[torch.Tensor], rows: list[int]) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """One forward over ``prefixes`` (left-padded together); each one's keys and values per layer, by ``rows``."""
+        device = self.model.device
+        prefix_ids, prefix_mask, position_ids = prefix_batch(prefixes, self.processor.tokenizer.pad_token_id)
+        cache = self._new_cache(reserve=0)
         self.model(
             input_ids=prefix_ids.to(device),
             attention_mask=prefix_mask.to(device),
             position_ids=position_ids.to(device),
-            pixel_values=pixels.to(device, self.dtype),
+            pixel_values=_stack_tiles([item.pixel_values for item in firsts]).to(device, self.dtype),
             image_sizes=torch.stack([item.image_size for item in firsts]).to(device),
             cache=cache,
             use_cache=True,
             logits_to_keep=1,  # the prefixes' logits are never read
         )
-        cache.batch_select_indices(torch.tensor([row for row, _, _ in members], device=device))  # one cache row per question
-        self.computed_prompt_tokens += int(prefix_ids.numel()) + len(members) * (input_ids.shape[1] - prefix_ids.shape[1])
-        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "cache": cache}
-        # generate feeds only the columns past the cache; no image tokens are left there, so no pixels.
-        output = self._generate(inputs, kwargs)
-        return {index: row for (_, index, _), row in zip(members, output[:, input_ids.shape[1] :].cpu(), strict=True)}
+        self.computed_prompt_tokens += int(prefix_ids.numel())
+        width = prefix_ids.shape[1]
+        return {
+            row: [(layer.keys[position, :, width - len(prefix) :], layer.values[position, :, width - len(prefix) :]) for layer in cache.layers]
+            for position, (row, prefix) in enumerate(zip(rows, prefixes, strict=True))
+        }
+
+    def _carry_key(self, item: ModelInputs, prefix_len: int) -> tuple[Any, ...]:
+        # What determines a prefix's keys and values: its pixels, its tokens, and the pinpoints
+        # the model unpads the image features with.
+        return item.image_key, tuple(item.input_ids[:prefix_len].tolist()), item.pinpoints
 
     def _new_cache(self, *, reserve: int) -> ReservedCache:
         return ReservedCache(self.model.config.get_text_config(), reserve=reserve)

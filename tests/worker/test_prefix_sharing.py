@@ -91,6 +91,45 @@ def test_every_size_twice_in_one_batch_equals_solo(vqa: VQAModel) -> None:
     assert [answer.text for answer in vqa.generate_batch(items, GREEDY)] == _solo(vqa, items)
 
 
+def _prefix(vqa: VQAModel, item: object) -> int:
+    return prefix_length(item.input_ids, vqa.model.config.image_token_id)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("split_size", [(300, 120), (33, 77)], ids=["split-longer", "split-shorter"])
+def test_an_image_split_across_two_batches_is_prefilled_once(vqa: VQAModel, split_size: tuple[int, int]) -> None:
+    """A batch boundary splits image B's questions: the second batch continues from the first batch's prefill of B.
+
+    B's prefix is longer than C's in one case and shorter in the other, so the carried rows are
+    re-aligned to the second batch's padding both ways; every answer still equals the solo one.
+    """
+    a, b, c = _image(64, 256, 1), _image(*split_size, 2), _image(500, 500, 3)
+    first = [vqa.prepare(a, QUESTIONS[0]), vqa.prepare(a, QUESTIONS[1]), vqa.prepare(b, QUESTIONS[2])]
+    second = [vqa.prepare(b, QUESTIONS[3]), vqa.prepare(b, QUESTIONS[4]), vqa.prepare(c, QUESTIONS[0])]
+    assert _prefix(vqa, first[2]) != _prefix(vqa, second[2])
+    solo = _solo(vqa, first + second)
+    got = [answer.text for answer in vqa.generate_batch(first, GREEDY)]
+    before = vqa.computed_prompt_tokens
+    got += [answer.text for answer in vqa.generate_batch(second, GREEDY)]
+    assert got == solo
+    # The second batch's prefill ran over C's prefix alone; each question then adds the suffix columns.
+    suffix_columns = max(item.num_tokens - _prefix(vqa, item) for item in second)
+    assert vqa.computed_prompt_tokens - before == _prefix(vqa, second[2]) + 3 * suffix_columns
+
+
+def test_a_carried_prefix_lasts_one_batch_and_a_failed_batch_drops_it(vqa: VQAModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = _image(64, 256, 4), _image(300, 120, 5)
+    vqa.generate_batch([vqa.prepare(a, QUESTIONS[0]), vqa.prepare(a, QUESTIONS[1])], GREEDY)
+    assert len(vqa._carried) == 1
+    vqa.generate_batch([vqa.prepare(b, QUESTIONS[0])], GREEDY)  # nothing to share: a plain batch, nothing carried on
+    assert vqa._carried == {}
+    vqa.generate_batch([vqa.prepare(b, QUESTIONS[0]), vqa.prepare(b, QUESTIONS[1])], GREEDY)
+    assert len(vqa._carried) == 1
+    monkeypatch.setattr(vqa, "_generate", lambda inputs, kwargs: (_ for _ in ()).throw(RuntimeError("kernel fault")))
+    with pytest.raises(RuntimeError, match="kernel fault"):
+        vqa.generate_batch([vqa.prepare(b, QUESTIONS[2]), vqa.prepare(b, QUESTIONS[3])], GREEDY)
+    assert vqa._carried == {}
+
+
 def test_same_bytes_share_a_key_different_bytes_do_not(vqa: VQAModel) -> None:
     a = vqa.prepare(_image(64, 64, 5), "What is it?")
     b = vqa.prepare(_image(64, 64, 5), "Where is it?")  # another decode of the same pixels
