@@ -8,7 +8,8 @@ Builds ``LlavaNextForConditionalGeneration`` from a config committed in the repo
 checkpoint is downloaded; ``nf4`` replaces every linear layer but ``lm_head`` with a
 bitsandbytes ``Linear4bit``, as ``from_pretrained(load_in_4bit=True)`` does. For each variant
 (dtype x attention kernel) it measures images/s, prompt tokens/s (prefill) and generated
-tokens/s (decode) at batch sizes 1, 2, 4, ... until out of memory, plus the model card's
+tokens/s (decode) at batch sizes 1, 2, 4, ... until out of memory (with the worker's KV cache,
+worker/kvcache.py, and at ``--share-batch`` also with the ``DynamicCache`` generate makes itself), plus the model card's
 one-image-at-a-time loop as the baseline, all in one run; ``--image-grid full,2x2,2x1,1x1``
 repeats each variant's sweep at each image-detail setting (fewer tiles, fewer image tokens); and per variant, at the
 first grid, ``--questions-per-image`` questions about each of ``--share-batch`` pictures run through the worker's own
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                                           **card_loop(model, processor, image, prompt, images=args.baseline_images, new_tokens=args.max_new_tokens)}
                     baseline_done = True
                 at_grid["batches"] = sweep(model, prompt, batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
-                                           new_tokens=args.max_new_tokens, repeats=args.repeats)
+                                           new_tokens=args.max_new_tokens, repeats=args.repeats, compare_cache_at=args.share_batch)
                 if grid == args.image_grid.split(",")[0] and args.questions_per_image:
                     at_grid["shared_prefix"] = shared_prefix(
                         model, processor, [int(n) for n in args.questions_per_image.split(",")],
@@ -236,20 +237,29 @@ def _inputs(prompt: dict[str, Any], batch: int, device: str, dtype: torch.dtype)
     }
 
 
-def _timed_generate(model: Any, inputs: dict[str, torch.Tensor], new_tokens: int) -> float:
+def _timed_generate(model: Any, inputs: dict[str, torch.Tensor], new_tokens: int, *, kv_cache: str = "reserved") -> float:
+    """One generate; ``kv_cache`` "reserved" is the worker's in-place cache (worker/kvcache.py), "dynamic" the one generate makes itself."""
+    from worker.kvcache import ReservedCache
+
     device = inputs["input_ids"].device
+    cache = {"cache": ReservedCache(model.config.get_text_config(), reserve=new_tokens)} if kv_cache == "reserved" else {}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
-        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        model.generate(**inputs, **cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
-def sweep(model: Any, prompt: dict[str, Any], *, batch_sizes: list[int], new_tokens: int, repeats: int) -> list[dict[str, Any]]:
-    """Images/s, prefill tokens/s and decode tokens/s per batch size, until out of memory."""
+def sweep(model: Any, prompt: dict[str, Any], *, batch_sizes: list[int], new_tokens: int, repeats: int,
+          compare_cache_at: int | None = None) -> list[dict[str, Any]]:
+    """Images/s, prefill tokens/s and decode tokens/s per batch size, until out of memory.
+
+    With the worker's KV cache; at batch ``compare_cache_at`` also with Transformers' own
+    ``DynamicCache`` (a copy of the whole cache per decode step), for the difference.
+    """
     device = str(model.device)
     dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
     rows: list[dict[str, Any]] = []
@@ -262,6 +272,8 @@ def sweep(model: Any, prompt: dict[str, Any], *, batch_sizes: list[int], new_tok
             _timed_generate(model, inputs, new_tokens)  # warm-up
             full = min(_timed_generate(model, inputs, new_tokens) for _ in range(repeats))
             prefill = min(_timed_generate(model, inputs, 1) for _ in range(repeats))
+            peak = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else None  # the worker's cache's
+            dynamic = min(_timed_generate(model, inputs, new_tokens, kv_cache="dynamic") for _ in range(repeats)) if batch == compare_cache_at else None
         except torch.OutOfMemoryError:
             rows.append({"batch_size": batch, "oom": True})
             _free(device)
@@ -275,8 +287,10 @@ def sweep(model: Any, prompt: dict[str, Any], *, batch_sizes: list[int], new_tok
             "prompt_tokens_per_s": round(batch * prompt["tokens"] / prefill, 1),
             "generated_tokens_per_s": round(batch * (new_tokens - 1) / decode, 1) if decode > 0 else None,
         }
-        if device.startswith("cuda"):
-            row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        if dynamic is not None:
+            row["images_per_s_dynamic_cache"] = round(batch / dynamic, 3)
+        if peak is not None:
+            row["peak_memory_gib"] = round(peak / 2**30, 2)
         rows.append(row)
         del inputs
     return rows
@@ -366,7 +380,7 @@ def card_loop(model: Any, processor: Any, image: Image.Image, prompt: dict[str, 
     def one() -> None:
         pixels = processor([image], return_tensors="pt")
         single = {**prompt, "pixel_values": pixels["pixel_values"][0], "image_size": pixels["image_sizes"][0]}
-        _timed_generate(model, _inputs(single, 1, device, dtype), new_tokens)
+        _timed_generate(model, _inputs(single, 1, device, dtype), new_tokens, kv_cache="dynamic")  # the card's plain generate
 
     one()  # warm-up
     start = time.perf_counter()
@@ -417,19 +431,21 @@ def markdown(result: dict[str, Any]) -> str:
     if base:
         lines += [f"Model card loop (one image at a time, {base['dtype']}, {base['attention']}): **{base['images_per_s']} images/s**, "
                   f"{base['generated_tokens_per_s']} generated tokens/s.", ""]
-    lines += ["| dtype | attention | grid | image tokens | batch | images/s | x card | prompt tok/s | generated tok/s | prefill ms | peak GiB |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| dtype | attention | grid | image tokens | batch | images/s | x card | prompt tok/s | generated tok/s | prefill ms | peak GiB "
+              "| images/s, DynamicCache |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for v in result["variants"]:
         where = f"| {v['dtype']} | {v['attention']} | {v.get('image_grid', 'full')} | {v.get('image_tokens', '')} "
         if "error" in v:  # beside what it measured before the failure, if anything
-            lines.append(f"{where}| - | {v['error']} | | | | | |")
+            lines.append(f"{where}| - | {v['error']} | | | | | | |")
         for row in v.get("batches", []):
             if row.get("oom"):
-                lines.append(f"{where}| {row['batch_size']} | out of memory | | | | | |")
+                lines.append(f"{where}| {row['batch_size']} | out of memory | | | | | | |")
                 continue
             speedup = round(row["images_per_s"] / base["images_per_s"], 2) if base else ""
             lines.append(f"{where}| {row['batch_size']} | {row['images_per_s']} | {speedup} "
-                         f"| {row['prompt_tokens_per_s']} | {row['generated_tokens_per_s']} | {row['prefill_ms']} | {row.get('peak_memory_gib', '')} |")
+                         f"| {row['prompt_tokens_per_s']} | {row['generated_tokens_per_s']} | {row['prefill_ms']} | {row.get('peak_memory_gib', '')} "
+                         f"| {row.get('images_per_s_dynamic_cache', '')} |")
     shared = [(v, row) for v in result["variants"] for row in v.get("shared_prefix", [])]
     if shared:
         lines += ["", "Shared image prefixes, through the worker's engine (`VQA_SHARE_IMAGE_PREFIX` off / on; best of the rounds "

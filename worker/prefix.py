@@ -4,9 +4,11 @@ A LLaVA-NeXT prompt is ``system text + <image> x N + question + "ASSISTANT:"``; 
 tokens are ~95% of a short-answer prompt. Jobs in one batch whose prompts agree up to the end
 of the image (same pixels, same template) share that prefix. A batch runs in two model calls
 whatever its images: one forward over each distinct prefix (left-padded to the longest, the
-vision tower and the language model once per image, into one Transformers ``DynamicCache``),
-then the cache's rows are repeated to one per question and every question's suffix continues
-from its image's row in one batched ``generate``.
+vision tower and the language model once per image), then a cache of one row per question,
+its image's prefix right-aligned in it (worker/kvcache.py, ``ReservedCache.from_rows``), from
+which every question's suffix continues in one batched ``generate``. The batch's last prefix is
+kept for the next batch (worker/model.py): when a batch boundary splits an image's questions,
+the rest continue from it without a second prefill.
 
 Suffixes have different lengths, so each row is ``padding + prefix + padding + suffix``: the
 padding is masked out, and generate's position ids (attention-mask cumsum) still count the
