@@ -328,3 +328,17 @@ def held_messages(client: redis.Redis, queue: str) -> list[bytes]:
     for consumer_id in client.zrange(keys.heartbeats_key(queue), 0, -1):
         held += client.hvals(keys.worker_unacked_key(queue, consumer_id.decode()))
     return held
+
+
+RECONNECT_MAX_S = 10.0
+
+
+def reconnect_delay(previous_s: float) -> float:
+    """The wait before looking for Redis again, ``previous_s`` being the last wait (0 after a success).
+
+    0.25 s, then 1.5x longer each time, at most 10 s: looks again 0.25, 0.6, 1.2, 2.0, 3.3 s ...
+    after the first error. A Sentinel promotion is reachable ~1.8 s after the master dies, and
+    doubling from 0.5 s (0.5, 1.5, 3.5) first looked again at 3.5 s
+    (docs/benchmarks/failover/broker-backoff/).
+    """
+    return min(max(1.5 * previous_s, 0.25), RECONNECT_MAX_S)

@@ -54,7 +54,7 @@ from producer.schema import Job
 from producer.settings import Settings
 from worker.batching import RUNNING_AND_QUEUED, MicroBatcher, prefetch_batches
 from worker.board import JobBoard
-from worker.broker import Delivery, RedisQueue, new_consumer_id
+from worker.broker import Delivery, RedisQueue, new_consumer_id, reconnect_delay
 from worker.cancels import CancelCheck
 from worker.health import Progress
 from worker.heartbeat import Heartbeat
@@ -74,7 +74,6 @@ _EMPTY_POLL_S = 0.05  # the queue was empty: look again this soon (it is polled,
 # one per job at batch 8: docs/benchmarks/queue-cost/fewer-round-trips).
 _EMPTY_POLL_BUSY_MAX_S = 0.4
 _RESTORE_EVERY_S = 1.0  # how often this worker restores dead workers' messages (worker/broker.py)
-_RECONNECT_MAX_S = 10.0
 _LOOP_ERROR_PAUSE_MAX_S = 5.0  # after unexpected errors in a row, the loop pauses up to this long
 # Batches handed to the model thread whose outcomes are not back: the ones the prefetch holds
 # (one running, one queued behind it) and one whose records the writer is storing.
@@ -219,10 +218,7 @@ class BatchingConsumer:
         except redis.RedisError as exc:
             # Redis away (restart, network): keep the jobs we hold, retry with backoff. Nothing
             # is lost meanwhile: what we took is recorded as unacked in Redis (AOF keeps it).
-            # Retries at 0.25, 0.6, 1.2, 2.0, 3.3 s ... after the first error: a Sentinel promotion
-            # is reachable ~1.8 s after the master dies, and doubling from 0.5 s (0.5, 1.5, 3.5)
-            # first looked again at 3.5 s (docs/benchmarks/failover/broker-backoff/).
-            self._broker_backoff = min(max(1.5 * self._broker_backoff, 0.25), _RECONNECT_MAX_S)
+            self._broker_backoff = reconnect_delay(self._broker_backoff)
             self._broker_retry_at = now + self._broker_backoff
             log.warning("broker unreachable (%s); retrying in %.1f s", type(exc).__name__, self._broker_backoff)
             return 0

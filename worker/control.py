@@ -53,6 +53,7 @@ from producer.keys import TASK_NAME
 from producer.revokes import read_revokes, write_revokes
 from producer.settings import Settings
 from worker.board import HeldJob, JobBoard
+from worker.broker import reconnect_delay
 from worker.cancels import CancelCheck
 from worker.hooks import Hook, WorkerInfo
 from worker.intake import printable
@@ -61,7 +62,6 @@ log = logging.getLogger(__name__)
 
 SYNC_EVERY_S = 0.5  # how often the markers of held jobs are read into the in-memory revokes
 _DRAIN_S = 0.5
-_RECONNECT_MAX_S = 10.0
 _REPR_MAX = 1024
 _MASK = "*" * 8
 _TASK_ID_MAX = 255
@@ -147,7 +147,7 @@ class RemoteControl(Hook):
                 self._listen()
                 return
             except Exception as exc:  # noqa: BLE001 - a broker outage must not end remote control for good
-                backoff = min(max(2 * backoff, 0.5), _RECONNECT_MAX_S)
+                backoff = reconnect_delay(backoff)  # as the consumer does: back soon after a failover
                 log.warning("remote control: %s: %s; listening again in %.1f s", type(exc).__name__, exc, backoff)
                 self._stopping.wait(backoff)
 

@@ -388,6 +388,7 @@ class VQAModel:
             self.model.config.get_text_config(), [states[row] for row, _, _ in members], width=prefix_ids.shape[1],
             reserve=input_ids.shape[1] - prefix_ids.shape[1] + kwargs["max_new_tokens"],  # the suffixes' columns and the answers
         )
+        del states  # views of the prefill's cache: free it before generate allocates its own
         self.computed_prompt_tokens += len(members) * (input_ids.shape[1] - prefix_ids.shape[1])
         inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "cache": cache}
         # generate feeds only the columns past the cache; no image tokens are left there, so no pixels.

@@ -14,7 +14,7 @@ import redis
 from producer import keys
 from producer.messages import TaskMessages
 from producer.schema import GenerationSettings, Job, utcnow
-from worker.broker import RedisQueue, held_messages
+from worker.broker import RedisQueue, held_messages, reconnect_delay
 from worker.dev.services import RedisServer
 
 
@@ -268,3 +268,13 @@ def test_no_lane_starves_under_a_flood_of_high_priority_jobs(queue: RedisQueue) 
     # Turns go to the lists below the top in rotation: 3-5, 6-8, 9 (empty: on to the top), 3-5 again.
     assert turns == {every: "default", 2 * every: "low", 3 * every: "high", 4 * every: "default", 5 * every: "low"}
     assert served.count("high") == 5 * every - 4
+
+
+def test_reconnect_delay_looks_again_soon_then_backs_off_to_ten_seconds() -> None:
+    waits, wait = [], 0.0
+    for _ in range(12):
+        wait = reconnect_delay(wait)
+        waits.append(wait)
+    looks = [round(sum(waits[: n + 1]), 2) for n in range(5)]
+    assert looks == [0.25, 0.62, 1.19, 2.03, 3.3]  # a promotion ~1.8 s after the kill is found at 2.0 s
+    assert waits[-1] == 10.0 and max(waits) == 10.0
