@@ -9,6 +9,7 @@ JPEGs (quality 85):
 1. decode and preprocess ms per image from 640x480 to 4032x3024, with the PIL processor and
    (when torchvision imports) the torchvision one; and a draft decode (Pillow's JPEG scale-down,
    kept at least as large as the image's target grid), measured here only: it is not in the product;
+   and the image's prefix-sharing key, hashed from its preprocessed tiles or from its JPEG bytes;
 2. images/s of decode + preprocess that a pool of threads, and of processes, sustains;
 3. the stall of a model thread while the pool is busy. The model thread is a STAND-IN (bench-only):
    a pure-Python loop that holds the GIL for ~2 ms per "decode step" the way ``generate``'s Python
@@ -38,6 +39,7 @@ from PIL import Image
 
 from bench.decode import jpeg
 from worker.fetch.images import FetchPolicy, decode_image
+from worker.prefix import image_key
 
 CONFIG = Path(__file__).with_name("llava-v1.6-vicuna-7b-config.json")
 SIZES = ((640, 480), (1280, 960), (1920, 1080), (4032, 3024))
@@ -96,13 +98,25 @@ def per_image(images: dict[tuple[int, int], bytes], processors: dict[str, Any], 
         decode_ms, image = _ms(lambda data=data: decode_image(data, _POLICY), repeats)
         row: dict[str, Any] = {"size": f"{width}x{height}", "decode_ms": decode_ms}
         for name, proc in processors.items():
-            row[f"preprocess_ms_{name}"], _ = _ms(lambda proc=proc, image=image: proc(images=image, return_tensors="pt"), repeats)
+            row[f"preprocess_ms_{name}"], out = _ms(lambda proc=proc, image=image: proc(images=image, return_tensors="pt"), repeats)
+            if name == "pil":
+                row.update(_key_ms(out, data, repeats))
         row["draft_decode_ms"], small = _ms(lambda data=data: draft_decode(data), repeats)
         row["draft_size"] = f"{small.width}x{small.height}"
         row["preprocess_ms_pil_after_draft"], _ = _ms(lambda small=small: processors["pil"](images=small, return_tensors="pt"), repeats)
         say(f"{row}")
         rows.append(row)
     return rows
+
+
+def _key_ms(out: Any, data: bytes, repeats: int) -> dict[str, Any]:
+    """The image's prefix-sharing key (worker/prefix.py): a hash of its preprocessed tiles, or of the bytes fetched."""
+    pixels, size = out["pixel_values"][0], out["image_sizes"][0]
+    tiles_ms, _ = _ms(lambda: image_key(pixels, size), max(repeats, 5))
+    source_ms, _ = _ms(lambda: image_key(pixels, size, source=data, pinpoints=pinpoints()), max(repeats, 5))
+    hashed = "bytes" if len(data) < pixels.nelement() * pixels.element_size() else "tiles"  # image_key's own rule
+    return {"tiles": int(pixels.shape[0]), "jpeg_kb": round(len(data) / 1024), "key_ms_tiles": tiles_ms,
+            "key_ms_source": source_ms, "key_hashes": hashed}
 
 
 _WORKER_PROCESSOR: Any = None
@@ -202,6 +216,14 @@ def markdown(result: dict[str, Any]) -> str:
         cells = " | ".join(str(row[f"preprocess_ms_{n}"]) for n in names)
         lines.append(f"| {row['size']} | {row['decode_ms']} | {cells} | {row['draft_decode_ms']} | {row['draft_size']} "
                      f"| {row['preprocess_ms_pil_after_draft']} |")
+    lines += ["", "## The image's prefix-sharing key (`VQA_SHARE_IMAGE_PREFIX`, worker/prefix.py `image_key`)", "",
+              "ms per image (median of at least 5): blake2b of the preprocessed fp32 tiles, as every image was keyed before "
+              "2026-12-04, against the key the worker takes now that it passes the fetched bytes: their blake2b when they "
+              "are smaller than the tiles, else the tiles'. Random-pixel JPEGs barely compress, so these files are larger "
+              "than a camera's.", "",
+              "| image | tiles | JPEG KB | key from the tiles, ms | key with the bytes, ms | hashed |", "|---|---:|---:|---:|---:|---|"]
+    lines += [f"| {row['size']} | {row['tiles']} | {row['jpeg_kb']} | {row['key_ms_tiles']} | {row['key_ms_source']} | {row['key_hashes']} |"
+              for row in result["per_image"]]
     lines += ["", f"## Fetch pool: decode + preprocess (pil) of {result['pool_mix']}, with a stand-in model thread", "",
               "The model thread is a BENCH-ONLY stand-in: a pure-Python loop holding the GIL ~2 ms per step, as generate's "
               "Python loop does between kernels. Stall: its step time beyond its time alone, per second of the run.", "",

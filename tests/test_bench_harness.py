@@ -212,6 +212,8 @@ def test_bench_preprocess_reports_every_size_and_pool(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "preprocess.json").read_text())
     assert [row["size"] for row in result["per_image"]] == ["640x480", "1280x960", "1920x1080", "4032x3024"]
     assert all(row["decode_ms"] > 0 and row["preprocess_ms_pil"] > 0 for row in result["per_image"])
+    # Both prefix keys are timed per size; the 7B's anyres grid gives a photo more than one tile.
+    assert all(row["key_ms_tiles"] > 0 and row["key_ms_source"] > 0 and row["tiles"] > 1 for row in result["per_image"])
     # The draft decode keeps at least the target grid: a phone photo comes out no smaller than 672x672.
     width, height = map(int, result["per_image"][-1]["draft_size"].split("x"))
     assert width >= 672 and height >= 672 and width < 4032

@@ -72,8 +72,12 @@ class Engine(Protocol):
 class ImageFirstEngine(Engine, Protocol):
     """An engine whose ``prepare(image, question)`` is ``prepare_question(prepare_image(image), question)``."""
 
-    def prepare_image(self, image: Any, *, image_grid: str | None = None) -> Any:
-        """The image's part of the inputs, shared by every question about it; called on fetch threads."""
+    def prepare_image(self, image: Any, *, image_grid: str | None = None, source: bytes | None = None) -> Any:
+        """The image's part of the inputs, shared by every question about it; called on fetch threads.
+
+        ``source``: the encoded bytes ``image`` was decoded from, for an engine that keys images
+        by content (hashing them is far cheaper than hashing preprocessed pixels).
+        """
         ...
 
     def prepare_question(self, image_inputs: Any, question: str) -> Any:

@@ -200,8 +200,13 @@ class VQAModel:
         """
         return self.prepare_question(self.prepare_image(image, image_grid=image_grid), question)
 
-    def prepare_image(self, image: Image.Image, *, image_grid: str | None = None) -> ImageInputs:
-        """The image's part of a job's inputs (tiles, placeholder count), the same for every question about it at one grid."""
+    def prepare_image(self, image: Image.Image, *, image_grid: str | None = None, source: bytes | None = None) -> ImageInputs:
+        """The image's part of a job's inputs (tiles, placeholder count), the same for every question about it at one grid.
+
+        ``source``: the encoded bytes ``image`` was decoded from (the worker's fetch passes
+        them); when they are smaller than the tiles, the image's key for prefix sharing is their
+        hash rather than the tiles' (worker/prefix.py ``image_key``).
+        """
         processor = self._processor()
         grid = effective_grid(image_grid, self.image_grid)
         pinpoints = self.grid_pinpoints(grid)
@@ -216,7 +221,7 @@ class VQAModel:
             pixel_values=pixel_values,
             image_size=image_size,
             image_tokens=int((encoded["input_ids"][0] == processor.image_token_id).sum()),
-            image_key=image_key(pixel_values, image_size) if self.share_image_prefix else None,
+            image_key=image_key(pixel_values, image_size, source=source, pinpoints=pinpoints) if self.share_image_prefix else None,
             image_grid=grid,
             pinpoints=pinpoints,
         )

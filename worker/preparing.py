@@ -111,7 +111,7 @@ class JobPreparer:
         if self.images is not None:
             return self._prepare_shared(job, earlier=earlier)
         start = time.perf_counter()
-        image = self._fetch(job)
+        image, _ = self._fetch(job)
         fetched = time.perf_counter()
         with self.cpu.measure("preprocess"):
             inputs = self.engine.prepare(image, job.question, image_grid=job.image_grid)
@@ -124,11 +124,11 @@ class JobPreparer:
             image_key=getattr(inputs, "image_key", None),
         )
 
-    def _fetch(self, job: Job) -> Any:
-        """Download and decode the job's image; the decode's CPU is accounted, the download's is the pipeline's."""
+    def _fetch(self, job: Job) -> tuple[Any, bytes]:
+        """Download and decode the job's image, and its bytes; the decode's CPU is accounted, the download's is the pipeline's."""
         data = fetch_bytes(job.image_url, self.policy, s3_client=self.s3_client)
         with self.cpu.measure("decode"):
-            return decode_image(data, self.policy, image_grid=job.image_grid)
+            return decode_image(data, self.policy, image_grid=job.image_grid), data
 
     def _prepare_shared(self, job: Job, *, earlier: int) -> Prepared:
         assert self.images is not None
@@ -137,13 +137,13 @@ class JobPreparer:
 
         def load() -> Any:
             start = time.perf_counter()
-            image = self._fetch(job)
+            image, data = self._fetch(job)
             timings["fetch"] = time.perf_counter() - start
             if not split:
                 return image
             fetched = time.perf_counter()
             with self.cpu.measure("preprocess"):
-                part = self.engine.prepare_image(image, image_grid=job.image_grid)  # type: ignore[attr-defined]
+                part = self.engine.prepare_image(image, image_grid=job.image_grid, source=data)  # type: ignore[attr-defined]
             timings["image"] = time.perf_counter() - fetched
             return part
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 from producer.schema import GenerationSettings
 from producer.settings import Settings
 from worker.model import VQAModel
-from worker.prefix import group_by_prefix, prefix_batch, prefix_length, suffix_rows
+from worker.prefix import group_by_prefix, image_key, prefix_batch, prefix_length, suffix_rows
 
 # Different sizes and aspect ratios: different tile grids, so different prefix lengths.
 IMAGE_SIZES = [(40, 30), (300, 120), (64, 256), (500, 500), (33, 77)]
@@ -138,6 +139,43 @@ def test_same_bytes_share_a_key_different_bytes_do_not(vqa: VQAModel) -> None:
     groups, unkeyed = group_by_prefix([vqa._prefix_key(item) for item in (a, b, c)])
     assert [group.indices for group in groups] == [(0, 1), (2,)]
     assert unkeyed == []
+
+
+def _png(image: Image.Image, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", **options)
+    return buffer.getvalue()
+
+
+def test_with_its_source_bytes_an_image_is_keyed_by_them_and_its_grid(vqa: VQAModel) -> None:
+    """The worker passes the fetched bytes: two decodes of them share a key, other bytes or another grid do not."""
+    original = Image.linear_gradient("L").convert("RGB").resize((300, 120))  # smooth: its PNG is smaller than its tiles
+    data = _png(original)
+    first, second = (vqa.prepare_image(Image.open(io.BytesIO(data)).convert("RGB"), source=data) for _ in range(2))
+    assert len(data) < first.pixel_values.nelement() * first.pixel_values.element_size()
+    assert first.image_key is not None and first.image_key == second.image_key
+    assert first.image_key != vqa.prepare_image(original).image_key  # keyed by the bytes, not the pixels
+    other_bytes = _png(original, compress_level=1)  # the same pixels, encoded otherwise
+    assert other_bytes != data and vqa.prepare_image(original, source=other_bytes).image_key != first.image_key
+    assert vqa.prepare_image(original, source=data, image_grid="1x1").image_key != first.image_key
+    # Sharing from such keys still answers as each job alone.
+    items = [vqa.prepare_question(part, question) for part, question in zip((first, second), QUESTIONS[:2], strict=True)]
+    before = vqa.computed_prompt_tokens
+    shared = [answer.text for answer in vqa.generate_batch(items, GREEDY)]
+    assert vqa.computed_prompt_tokens - before < sum(item.num_tokens for item in items)  # one prefill for both
+    assert shared == _solo(vqa, items)
+
+
+def test_the_key_hashes_whichever_is_smaller_the_bytes_or_the_tiles() -> None:
+    size, tiles = torch.tensor([20, 10]), torch.rand(2, 3, 8, 8)  # 1,536 bytes of tiles
+    other_tiles = torch.rand(2, 3, 8, 8)
+    small, large = b"x" * 100, b"y" * 5000
+    # Small bytes: the key follows them (the tiles are not read), and the grid.
+    assert image_key(tiles, size, source=small) == image_key(other_tiles, size, source=small)
+    assert image_key(tiles, size, source=small) != image_key(tiles, size, source=small, pinpoints=[[16, 8]])
+    assert image_key(tiles, size, source=small) != image_key(tiles, size, source=b"z" * 100)
+    # Large bytes: the tiles are hashed, as without bytes.
+    assert image_key(tiles, size, source=large) == image_key(tiles, size) != image_key(other_tiles, size, source=large)
 
 
 def test_sharing_off_computes_no_key(tiny_model_dir: Path) -> None:
