@@ -10,7 +10,9 @@ JPEGs (quality 85):
    (when torchvision imports) the torchvision one; and a draft decode (Pillow's JPEG scale-down,
    kept at least as large as the image's target grid), measured here only: it is not in the product;
    and the image's prefix-sharing key, hashed from its preprocessed tiles or from its JPEG bytes;
-2. images/s of decode + preprocess that a pool of threads, and of processes, sustains;
+2. images/s of decode + preprocess that a pool of threads, and of processes, sustains: the image
+   processor alone, and the worker's own path (``prepare_image``, on its fetch threads and through
+   its ``VQA_PREPROCESS_PROCESSES`` pool, worker/preprocess_pool.py);
 3. the stall of a model thread while the pool is busy. The model thread is a STAND-IN (bench-only):
    a pure-Python loop that holds the GIL for ~2 ms per "decode step" the way ``generate``'s Python
    loop does between kernels; its stall is the step time beyond its time with the pool idle.
@@ -21,6 +23,9 @@ Prints one line per figure and writes preprocess.json and preprocess.md.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
+import functools
 import io
 import json
 import os
@@ -32,14 +37,18 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from bench.decode import jpeg
+from producer.image_grid import FULL
 from worker.fetch.images import FetchPolicy, decode_image
+from worker.imageprep import ImagePrep
 from worker.prefix import image_key
+from worker.preprocess_pool import PreprocessPool
 
 CONFIG = Path(__file__).with_name("llava-v1.6-vicuna-7b-config.json")
 SIZES = ((640, 480), (1280, 960), (1920, 1080), (4032, 3024))
@@ -49,6 +58,7 @@ PROCESSOR_SETTINGS: dict[str, Any] = {
     "resample": 3, "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
 }
 _POLICY = FetchPolicy(allowed_hosts=())
+POOL_KINDS = ("threads", "processes", "worker threads", "worker processes")
 
 
 def say(message: str) -> None:
@@ -164,27 +174,87 @@ def _model_steps(seconds: float) -> list[float]:
     return steps
 
 
-def pool_run(kind: str, workers: int, data: list[bytes], *, seconds: float, idle_steps: list[float]) -> dict[str, Any]:
-    """Images/s of a pool kept full for ``seconds``, with the stand-in model thread running beside it."""
-    pool_cls = ThreadPoolExecutor if kind == "threads" else ProcessPoolExecutor
-    with pool_cls(max_workers=workers) as pool:
-        list(pool.map(_prepare_one, data[:workers]))  # warm: processors built, imports done
+def worker_prep() -> ImagePrep:
+    """The worker's image preparation at the 7B's settings: the image processor above in a ``LlavaNextProcessor``.
+
+    The processor counts each image's tokens with a tokenizer; the 7B's is not here, so the tiny
+    checkpoint's stands in (it tokenizes one ``<image>`` placeholder per image: no cost to speak of).
+    """
+    import tempfile
+
+    from transformers import LlavaNextProcessor
+
+    from worker.dev.tiny_model import build_tiny_model
+
+    with tempfile.TemporaryDirectory() as directory:
+        tokenizer = LlavaNextProcessor.from_pretrained(build_tiny_model(Path(directory) / "tiny")).tokenizer
+    full = LlavaNextProcessor(image_processor=processor("pil"), tokenizer=tokenizer, patch_size=14,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return ImagePrep(processor=full, checkpoint_pinpoints=tuple((int(h), int(w)) for h, w in pinpoints()), side=336,
+                     image_grid=FULL, keyed=True)
+
+
+_LOCAL = threading.local()
+
+
+def _worker_thread_prepare(prep: ImagePrep, data: bytes) -> int:
+    """What a fetch thread does without VQA_PREPROCESS_PROCESSES: decode, then prepare_image (its own processor copy)."""
+    own = getattr(_LOCAL, "prep", None)
+    if own is None:
+        own = _LOCAL.prep = dataclasses.replace(prep, processor=copy.deepcopy(prep.processor))
+    return own.prepare_image(decode_image(data, _POLICY), source=data).image_tokens
+
+
+def _pool(kind: str, workers: int, prep: ImagePrep | None) -> tuple[Any, Any, Callable[[], None]]:
+    """An executor to keep full, the function it runs per image's bytes, and what shuts it down."""
+    if kind in ("threads", "processes"):
+        executor = (ThreadPoolExecutor if kind == "threads" else ProcessPoolExecutor)(max_workers=workers)
+        return executor, _prepare_one, executor.shutdown
+    assert prep is not None
+    fetch_threads = ThreadPoolExecutor(max_workers=workers)
+    if kind == "worker threads":
+        return fetch_threads, functools.partial(_worker_thread_prepare, prep), fetch_threads.shutdown
+    # The worker's own VQA_PREPROCESS_PROCESSES pool: its fetch threads wait on the processes.
+    processes = PreprocessPool(prep, _POLICY, processes=workers)
+    processes.warm()
+
+    def close() -> None:
+        fetch_threads.shutdown()
+        processes.close()
+
+    return fetch_threads, lambda data: processes.prepare_image(data, image_grid=None)[0].image_tokens, close
+
+
+def pool_run(kind: str, workers: int, data: list[bytes], *, seconds: float, idle_steps: list[float],
+             prep: ImagePrep | None = None) -> dict[str, Any]:
+    """Images/s of a pool kept full for ``seconds``, with the stand-in model thread running beside it.
+
+    ``threads``/``processes``: decode + the image processor alone, in a thread or process pool;
+    ``worker threads``: the worker's own path on its fetch threads (``prepare_image``: the
+    processor with its token count, and the image's prefix key); ``worker processes``: the same
+    path through the worker's ``VQA_PREPROCESS_PROCESSES`` pool.
+    """
+    pool, prepare_one, close = _pool(kind, workers, prep)
+    try:
+        list(pool.map(prepare_one, data[:workers]))  # warm: processors built, imports done
         stop, steps = threading.Event(), []
         model = threading.Thread(target=_stand_in_model, args=(stop, steps), daemon=True)
         model.start()
         done, start = 0, time.perf_counter()
-        futures = [pool.submit(_prepare_one, data[i % len(data)]) for i in range(workers * 2)]
+        futures = [pool.submit(prepare_one, data[i % len(data)]) for i in range(workers * 2)]
         i = len(futures)
         while time.perf_counter() - start < seconds:
             futures.pop(0).result()
             done += 1
-            futures.append(pool.submit(_prepare_one, data[i % len(data)]))
+            futures.append(pool.submit(prepare_one, data[i % len(data)]))
             i += 1
         elapsed = time.perf_counter() - start
         stop.set()
         model.join()
         for future in futures:
             future.cancel()
+    finally:
+        close()
     alone = statistics.median(idle_steps)
     stall = sum(max(0.0, s - alone) for s in steps)
     ordered = sorted(steps)
@@ -257,9 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     mix = [images[(4032, 3024)], images[(1920, 1080)]]
     idle = _model_steps(2.0)
     pools = []
-    for kind in ("threads", "processes"):
+    prep = worker_prep()
+    for kind in POOL_KINDS:
         for workers in (int(w) for w in args.workers.split(",")):
-            run = pool_run(kind, workers, mix, seconds=args.seconds, idle_steps=idle)
+            run = pool_run(kind, workers, mix, seconds=args.seconds, idle_steps=idle, prep=prep)
             say(f"{run}")
             pools.append(run)
     result = {

@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     # Worker process
     worker_name: str | None = None  # defaults to host:pid
     fetch_concurrency: int = Field(default=8, ge=1, le=128)
+    # Decode and image preprocessing in this many processes instead of on the fetch threads, where
+    # they share the GIL with the model thread (worker/preprocess_pool.py); 0 = on the fetch threads.
+    preprocess_processes: int = Field(default=0, ge=0, le=64)
     shutdown_grace_s: float = Field(default=60.0, ge=0)
     metrics_port: int | None = None  # Prometheus endpoint; off when unset
     # Celery task and worker events (what `celery worker -E` sends), so Flower and `celery

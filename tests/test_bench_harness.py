@@ -217,6 +217,7 @@ def test_bench_preprocess_reports_every_size_and_pool(tmp_path: Path) -> None:
     # The draft decode keeps at least the target grid: a phone photo comes out no smaller than 672x672.
     width, height = map(int, result["per_image"][-1]["draft_size"].split("x"))
     assert width >= 672 and height >= 672 and width < 4032
-    assert [(run["pool"], run["workers"]) for run in result["pools"]] == [("threads", 1), ("processes", 1)]
+    assert [(run["pool"], run["workers"]) for run in result["pools"]] == [
+        ("threads", 1), ("processes", 1), ("worker threads", 1), ("worker processes", 1)]
     assert all(run["images_per_s"] > 0 and run["model_stall_ms_per_s"] >= 0 for run in result["pools"])
     assert (tmp_path / "preprocess.md").read_text().startswith("# The GPU host's CPU side")

@@ -43,6 +43,11 @@ class CpuAccount:
             with self._lock:
                 self._seconds[stage] += spent
 
+    def add(self, stage: Stage, seconds: float) -> None:
+        """Add CPU seconds spent elsewhere (a preprocessing process's, worker/preprocess_pool.py) to ``stage``."""
+        with self._lock:
+            self._seconds[stage] += seconds
+
     def seconds(self) -> dict[Stage, float]:
         """The totals so far, per stage."""
         with self._lock:

@@ -20,7 +20,7 @@ from worker.cancels import CancelCheck, RevokedSet
 from worker.consumer import BatchingConsumer
 from worker.counters import JobCounters
 from worker.cputime import CpuAccount
-from worker.engine import Engine
+from worker.engine import Engine, ImageFirstEngine
 from worker.fetch.images import FetchPolicy, install_pillow_warning_filter
 from worker.health import Readiness
 from worker.hooks import Hooks, WorkerInfo
@@ -96,9 +96,11 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, s3_client: A
     images = SharedImages(max_entries=held) if settings.share_image_prefix else None
     # CPU in the model, decoding and preprocessing: the rest of the process's is the queue's own.
     cpu = CpuAccount()
+    policy = _fetch_policy(settings, engine)
+    pool = _preprocess_pool(settings, engine, policy)
     preparer = JobPreparer(
-        engine=engine, store=store, counters=counters, cancels=cancels, policy=_fetch_policy(settings, engine), s3_client=s3,
-        images=images, cpu=cpu, image_grid=settings.image_grid,
+        engine=engine, store=store, counters=counters, cancels=cancels, policy=policy, s3_client=s3,
+        images=images, cpu=cpu, image_grid=settings.image_grid, pool=pool,
     )
     # Bulk runs' counts and completion logs: on every worker (a no-op for jobs of no run).
     hooks = Hooks([JobLog(), BulkRuns(client=jobs_redis, s3_client=s3, settings=settings)])
@@ -154,6 +156,8 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, s3_client: A
         consumer.run()
     finally:
         hooks.on_worker_stop()
+        if pool is not None:
+            pool.close()
     log.info("worker %s stopped: %d done, %d failed, %d batches", worker_name, runner.stats.jobs_done, runner.stats.jobs_failed, runner.stats.batches)
     # bench/ reads this line.
     real, padded = _padding(engine)
@@ -169,6 +173,24 @@ def _fetch_policy(settings: Settings, engine: Engine) -> FetchPolicy:
     """The fetch caps, plus the engine's prescaler under VQA_IMAGE_PRESCALE (an engine without one decodes in full)."""
     prescaler = getattr(engine, "prescaler", None)
     return FetchPolicy.from_settings(settings, prescale=prescaler() if settings.image_prescale and prescaler else None)
+
+
+def _preprocess_pool(settings: Settings, engine: Engine, policy: FetchPolicy) -> Any:
+    """VQA_PREPROCESS_PROCESSES: the processes that decode and prepare images, started now; None when 0."""
+    if not settings.preprocess_processes:
+        return None
+    image_prep = getattr(engine, "image_prep", None)
+    if image_prep is None or not isinstance(engine, ImageFirstEngine):
+        log.warning("VQA_PREPROCESS_PROCESSES=%d ignored: engine %s prepares images on the fetch threads only",
+                    settings.preprocess_processes, engine.name)
+        return None
+    from worker.preprocess_pool import PreprocessPool
+
+    started = time.perf_counter()
+    pool = PreprocessPool(image_prep(), policy, processes=settings.preprocess_processes)
+    pool.warm()
+    log.info("%d preprocessing processes started in %.1f s", settings.preprocess_processes, time.perf_counter() - started)
+    return pool
 
 
 def _serve_endpoint(settings: Settings, readiness: Readiness) -> CollectorRegistry | None:

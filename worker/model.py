@@ -28,9 +28,10 @@ from producer.image_grid import FULL, effective_grid, limit_pinpoints, parse_gri
 from producer.schema import GenerationSettings
 from producer.settings import Settings
 from worker.engine import Answer
+from worker.imageprep import ImageInputs, ImagePrep, build_image_inputs, grid_pinpoints
 from worker.kvcache import ReservedCache
 from worker.prescale import Prescaler
-from worker.prefix import PrefixGroup, group_by_prefix, image_key, prefix_batch, prefix_length, suffix_rows
+from worker.prefix import PrefixGroup, group_by_prefix, prefix_batch, prefix_length, suffix_rows
 
 logger = logging.getLogger(__name__)
 
@@ -63,18 +64,6 @@ class ModelInputs:
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
-
-
-@dataclass(frozen=True)
-class ImageInputs:
-    """An image preprocessed for the model before any question: what the jobs about it share."""
-
-    pixel_values: torch.Tensor  # (tiles, 3, side, side)
-    image_size: torch.Tensor  # (2,): original height, width
-    image_tokens: int  # what the prompt's <image> placeholder expands to for this image
-    image_key: str | None = None
-    image_grid: str = FULL  # the effective grid it was preprocessed for, and its pinpoints
-    pinpoints: tuple[tuple[int, int], ...] = ()
 
 
 # Left padding shifts a prompt right by however much its batch companions need, and attention
@@ -207,23 +196,17 @@ class VQAModel:
         them); when they are smaller than the tiles, the image's key for prefix sharing is their
         hash rather than the tiles' (worker/prefix.py ``image_key``).
         """
-        processor = self._processor()
         grid = effective_grid(image_grid, self.image_grid)
-        pinpoints = self.grid_pinpoints(grid)
         # This thread's own copy: the tiles and the <image> token count follow the job's grid
         # without touching what other fetch threads (or the model thread) see.
-        processor.image_processor.image_grid_pinpoints = [list(point) for point in pinpoints]
-        # The processor's own path, on a prompt that is only the placeholder: it counts this
-        # image's anyres tokens exactly as for a full prompt.
-        encoded = processor(images=[image], text=[processor.image_token], return_tensors="pt")
-        pixel_values, image_size = encoded["pixel_values"][0], encoded["image_sizes"][0]
-        return ImageInputs(
-            pixel_values=pixel_values,
-            image_size=image_size,
-            image_tokens=int((encoded["input_ids"][0] == processor.image_token_id).sum()),
-            image_key=image_key(pixel_values, image_size, source=source, pinpoints=pinpoints) if self.share_image_prefix else None,
-            image_grid=grid,
-            pinpoints=pinpoints,
+        return build_image_inputs(self._processor(), image, grid=grid, pinpoints=self.grid_pinpoints(grid),
+                                  keyed=self.share_image_prefix, source=source)
+
+    def image_prep(self) -> ImagePrep:
+        """What a preprocessing process needs to prepare images as :meth:`prepare_image` does (worker/preprocess_pool.py)."""
+        return ImagePrep(
+            processor=self.processor, checkpoint_pinpoints=tuple((int(h), int(w)) for h, w in self._checkpoint_pinpoints),
+            side=self.model.config.vision_config.image_size, image_grid=self.image_grid, keyed=self.share_image_prefix,
         )
 
     def prepare_question(self, image: ImageInputs, question: str) -> ModelInputs:
@@ -264,9 +247,7 @@ class VQAModel:
         """The checkpoint's pinpoints that fit ``image_grid`` (an effective grid: ``full`` or ``RxC``)."""
         found = self._grid_pinpoints.get(image_grid)
         if found is None:
-            side = self.model.config.vision_config.image_size
-            kept = limit_pinpoints(self._checkpoint_pinpoints, side, parse_grid(image_grid))
-            found = self._grid_pinpoints[image_grid] = tuple((int(h), int(w)) for h, w in kept)
+            found = self._grid_pinpoints[image_grid] = grid_pinpoints(self._checkpoint_pinpoints, self.model.config.vision_config.image_size, image_grid)
         return found
 
     def cost(self, inputs: ModelInputs) -> int:

@@ -10,6 +10,8 @@ For each job, off the consumer and model threads:
    read Redis in one round trip.
 3. Fetch and decode the image under the SSRF guard and the caps (worker/fetch/).
 4. Preprocess it for the engine (tiles, prompt tokens), so the model thread only pads and runs.
+   With ``pool`` (``VQA_PREPROCESS_PROCESSES``, worker/preprocess_pool.py) the decode and the
+   image's part run in a process of their own; the download and the question's part stay here.
 
 With ``images`` (worker/imageshare.py, on with ``VQA_SHARE_IMAGE_PREFIX``) steps 3 and 4's
 image part run once for the jobs in the worker that ask about one URL: one job loads the image,
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -40,6 +42,9 @@ from worker.imageshare import SharedImages
 from worker.jobs import Prepared
 from worker.storage import RecordStore
 
+if TYPE_CHECKING:
+    from worker.preprocess_pool import PreprocessPool  # imports torch: the worker's start builds it
+
 log = logging.getLogger(__name__)
 
 
@@ -48,9 +53,13 @@ class JobPreparer:
 
     def __init__(
         self, *, engine: Engine, store: RecordStore, counters: JobCounters, cancels: CancelCheck, policy: FetchPolicy, s3_client: Any,
-        images: SharedImages | None = None, cpu: CpuAccount | None = None, image_grid: str = FULL,
+        images: SharedImages | None = None, cpu: CpuAccount | None = None, image_grid: str = FULL, pool: PreprocessPool | None = None,
     ) -> None:
         self.engine = engine
+        # VQA_PREPROCESS_PROCESSES: each image decoded and prepared in a process (an ImageFirstEngine's image part).
+        if pool is not None and not isinstance(engine, ImageFirstEngine):
+            raise ValueError("a preprocessing pool needs an engine that prepares an image apart from its question")
+        self.pool = pool
         self.image_grid = image_grid  # the worker's VQA_IMAGE_GRID: a job's grid is taken within it
         self.cancels = cancels
         self.store = store
@@ -110,6 +119,17 @@ class JobPreparer:
     def _fetch_and_prepare(self, job: Job, *, earlier: int) -> Prepared:
         if self.images is not None:
             return self._prepare_shared(job, earlier=earlier)
+        if self.pool is not None:
+            timings: dict[str, float] = {}
+            part = self._pooled_part(job, timings)
+            got = time.perf_counter()
+            with self.cpu.measure("preprocess"):
+                inputs = self.engine.prepare_question(part, job.question)  # type: ignore[attr-defined]
+            return Prepared(
+                inputs=inputs, cost=self.engine.cost(inputs), fetch_ms=timings["fetch"] * 1000,
+                preprocess_ms=(timings["image"] + time.perf_counter() - got) * 1000, earlier_deliveries=earlier,
+                image_key=getattr(inputs, "image_key", None),
+            )
         start = time.perf_counter()
         image, _ = self._fetch(job)
         fetched = time.perf_counter()
@@ -130,12 +150,27 @@ class JobPreparer:
         with self.cpu.measure("decode"):
             return decode_image(data, self.policy, image_grid=job.image_grid), data
 
+    def _pooled_part(self, job: Job, timings: dict[str, float]) -> Any:
+        """With VQA_PREPROCESS_PROCESSES: the download on this thread, the decode and the image's part in a process."""
+        assert self.pool is not None
+        start = time.perf_counter()
+        data = fetch_bytes(job.image_url, self.policy, s3_client=self.s3_client)
+        fetched = time.perf_counter()
+        part, decode_s, preprocess_s = self.pool.prepare_image(data, image_grid=job.image_grid)
+        # The process's CPU, so the worker's decode and preprocess totals still hold all of it.
+        self.cpu.add("decode", decode_s)
+        self.cpu.add("preprocess", preprocess_s)
+        timings["fetch"], timings["image"] = fetched - start, time.perf_counter() - fetched
+        return part
+
     def _prepare_shared(self, job: Job, *, earlier: int) -> Prepared:
         assert self.images is not None
         split = isinstance(self.engine, ImageFirstEngine)
         timings: dict[str, float] = {}
 
         def load() -> Any:
+            if self.pool is not None:
+                return self._pooled_part(job, timings)
             start = time.perf_counter()
             image, data = self._fetch(job)
             timings["fetch"] = time.perf_counter() - start

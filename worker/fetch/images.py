@@ -36,6 +36,7 @@ with one of these codes:
 from __future__ import annotations
 
 import io
+import re
 import struct
 import time
 import warnings
@@ -206,7 +207,7 @@ def decode_image(data: bytes, policy: FetchPolicy, *, image_grid: str | None = N
         raise OutOfMemory(f"ran out of memory decoding a {fmt} image") from exc
     except _PILLOW_ERRORS as exc:
         raise ImageRejected(
-            f"the {fmt} image is truncated or corrupt ({str(exc)[:200]}); re-export or re-upload the original",
+            f"the {fmt} image is truncated or corrupt ({_pillow_reason(exc)}); re-export or re-upload the original",
             code="corrupt_image",
         ) from exc
 
@@ -255,6 +256,12 @@ def _decode(data: bytes, fmt: str, policy: FetchPolicy, prescale: Prescaler | No
 def _swaps_axes(image: Image.Image) -> bool:
     # EXIF orientations 5-8 are transposed or rotated by 90 degrees: width and height trade places.
     return image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+
+
+def _pillow_reason(exc: Exception) -> str:
+    # Pillow names the buffer it read ("cannot identify image file <_io.BytesIO object at 0x7f...>"):
+    # an address that says nothing to the submitter and makes one image's error differ per attempt.
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))[:200]
 
 
 def _prescale_target(image: Image.Image, prescale: Prescaler | None) -> tuple[int, int] | None:
