@@ -19,7 +19,8 @@ memory) takes with it the work it held: those jobs fail with a transient error, 
 retried, and the pool is started again for the next image.
 
 Processes are started with ``spawn`` (the worker has threads: ``fork`` could copy a held lock),
-each with one torch thread, before the worker takes its first job.
+each with one torch thread, before the worker takes its first job. They ignore SIGINT and SIGTERM
+(the worker's shutdown closes them) and end within a second of a worker that was killed outright.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
+import os
+import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -97,10 +100,24 @@ def _init_process(prep: ImagePrep, policy: FetchPolicy) -> None:
     global _PREP, _POLICY
     import torch
 
+    # Ctrl-C reaches the whole process group and `kill -TERM` may too: the worker's warm shutdown
+    # decides when these processes stop (close()), not a signal meant for it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A worker killed outright (SIGKILL, the OOM killer) cannot close them, and they would wait
+    # for work for ever: each checks for its parent once a second and ends with it.
+    threading.Thread(target=_end_with, args=(os.getppid(),), name="vqa-preprocess-parent-watch", daemon=True).start()
+
     # The pool is the parallelism: one thread per process, as each fetch thread has.
     torch.set_num_threads(1)
     install_pillow_warning_filter()
     _PREP, _POLICY = prep, policy
+
+
+def _end_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def _ready(seconds: float) -> bool:
