@@ -8,7 +8,8 @@ JPEGs (quality 85):
 
 1. decode and preprocess ms per image from 640x480 to 4032x3024, with the PIL processor and
    (when torchvision imports) the torchvision one; and a draft decode (Pillow's JPEG scale-down,
-   kept at least as large as the image's target grid), measured here only: it is not in the product;
+   kept at least as large as the image's target grid), this bench's own: the product's
+   ``VQA_IMAGE_PRESCALE`` drafts and then resizes once (``python -m bench.prescale``);
    and the image's prefix-sharing key, hashed from its preprocessed tiles or from its JPEG bytes;
 2. images/s of decode + preprocess that a pool of threads, and of processes, sustains: the image
    processor alone, and the worker's own path (``prepare_image``, on its fetch threads and through
@@ -279,7 +280,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{meta['repeats']} runs. Processor: 336-pixel tiles, pinpoints {meta['pinpoints']}.", "",
         f"Torchvision processor: {result['torchvision']}.", "",
         "| image | decode ms | " + " | ".join(f"preprocess ms ({n})" for n in names)
-        + " | draft decode ms (not in product) | draft size | preprocess ms after draft (pil) |",
+        + " | draft decode ms (bench only) | draft size | preprocess ms after draft (pil) |",
         "|---|---:|" + "---:|" * len(names) + "---:|---|---:|",
     ]
     for row in result["per_image"]:
