@@ -48,7 +48,7 @@ from bench.decode import jpeg
 from producer.image_grid import FULL
 from worker.fetch.images import FetchPolicy, decode_image
 from worker.imageprep import ImagePrep
-from worker.prefix import image_key
+from worker.prefix import image_key, keys_by_source
 from worker.preprocess_pool import PreprocessPool
 
 CONFIG = Path(__file__).with_name("llava-v1.6-vicuna-7b-config.json")
@@ -125,7 +125,7 @@ def _key_ms(out: Any, data: bytes, repeats: int) -> dict[str, Any]:
     pixels, size = out["pixel_values"][0], out["image_sizes"][0]
     tiles_ms, _ = _ms(lambda: image_key(pixels, size), max(repeats, 5))
     source_ms, _ = _ms(lambda: image_key(pixels, size, source=data, pinpoints=pinpoints()), max(repeats, 5))
-    hashed = "bytes" if len(data) < pixels.nelement() * pixels.element_size() else "tiles"  # image_key's own rule
+    hashed = "bytes" if keys_by_source(pixels, data) else "tiles"
     return {"tiles": int(pixels.shape[0]), "jpeg_kb": round(len(data) / 1024), "key_ms_tiles": tiles_ms,
             "key_ms_source": source_ms, "key_hashes": hashed}
 

@@ -34,6 +34,8 @@ from worker.warmup import warm_up
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
+    from worker.preprocess_pool import PreprocessPool
+
 log = logging.getLogger(__name__)
 
 
@@ -175,7 +177,7 @@ def _fetch_policy(settings: Settings, engine: Engine) -> FetchPolicy:
     return FetchPolicy.from_settings(settings, prescale=prescaler() if settings.image_prescale and prescaler else None)
 
 
-def _preprocess_pool(settings: Settings, engine: Engine, policy: FetchPolicy) -> Any:
+def _preprocess_pool(settings: Settings, engine: Engine, policy: FetchPolicy) -> PreprocessPool | None:
     """VQA_PREPROCESS_PROCESSES: the processes that decode and prepare images, started now; None when 0."""
     if not settings.preprocess_processes:
         return None

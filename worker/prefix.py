@@ -36,7 +36,7 @@ def image_key(pixel_values: torch.Tensor, image_size: torch.Tensor, *, source: b
     """
     digest = hashlib.blake2b(digest_size=16)
     shape = (tuple(pixel_values.shape), str(pixel_values.dtype), image_size.tolist())
-    if source is not None and len(source) < pixel_values.nelement() * pixel_values.element_size():
+    if source is not None and keys_by_source(pixel_values, source):
         digest.update(repr(("source", shape, [list(point) for point in pinpoints])).encode())
         digest.update(source)
     else:
@@ -44,6 +44,11 @@ def image_key(pixel_values: torch.Tensor, image_size: torch.Tensor, *, source: b
         # A view of the tensor's memory: tobytes() would copy megabytes first.
         digest.update(memoryview(pixel_values.contiguous().numpy()).cast("B"))
     return digest.hexdigest()
+
+
+def keys_by_source(pixel_values: torch.Tensor, source: bytes) -> bool:
+    """Whether :func:`image_key` hashes ``source`` rather than the tiles: the smaller of the two."""
+    return len(source) < pixel_values.nelement() * pixel_values.element_size()
 
 
 def prefix_length(input_ids: torch.Tensor, image_token_id: int) -> int:

@@ -119,85 +119,70 @@ class JobPreparer:
     def _fetch_and_prepare(self, job: Job, *, earlier: int) -> Prepared:
         if self.images is not None:
             return self._prepare_shared(job, earlier=earlier)
-        if self.pool is not None:
-            timings: dict[str, float] = {}
-            part = self._pooled_part(job, timings)
-            got = time.perf_counter()
-            with self.cpu.measure("preprocess"):
-                inputs = self.engine.prepare_question(part, job.question)  # type: ignore[attr-defined]
-            return Prepared(
-                inputs=inputs, cost=self.engine.cost(inputs), fetch_ms=timings["fetch"] * 1000,
-                preprocess_ms=(timings["image"] + time.perf_counter() - got) * 1000, earlier_deliveries=earlier,
-                image_key=getattr(inputs, "image_key", None),
-            )
-        start = time.perf_counter()
-        image, _ = self._fetch(job)
-        fetched = time.perf_counter()
-        with self.cpu.measure("preprocess"):
-            inputs = self.engine.prepare(image, job.question, image_grid=job.image_grid)
+        timings: dict[str, float] = {}
+        part = self._load(job, timings)
+        got = time.perf_counter()
+        inputs = self._add_question(part, job)
         return Prepared(
             inputs=inputs,
             cost=self.engine.cost(inputs),
-            fetch_ms=(fetched - start) * 1000,
-            preprocess_ms=(time.perf_counter() - fetched) * 1000,
+            fetch_ms=timings["fetch"] * 1000,
+            preprocess_ms=(timings.get("image", 0.0) + time.perf_counter() - got) * 1000,
             earlier_deliveries=earlier,
             image_key=getattr(inputs, "image_key", None),
         )
 
-    def _fetch(self, job: Job) -> tuple[Any, bytes]:
-        """Download and decode the job's image, and its bytes; the decode's CPU is accounted, the download's is the pipeline's."""
-        data = fetch_bytes(job.image_url, self.policy, s3_client=self.s3_client)
-        with self.cpu.measure("decode"):
-            return decode_image(data, self.policy, image_grid=job.image_grid), data
+    def _load(self, job: Job, timings: dict[str, float]) -> Any:
+        """What the job's question is added to: the engine's image part, or the decoded image for an engine that does not split.
 
-    def _pooled_part(self, job: Job, timings: dict[str, float]) -> Any:
-        """With VQA_PREPROCESS_PROCESSES: the download on this thread, the decode and the image's part in a process."""
-        assert self.pool is not None
+        The download's seconds go to ``timings["fetch"]`` (with the decode, on the fetch thread),
+        the image part's to ``timings["image"]``. The decode's and the image part's CPU are
+        accounted; the download's is the pipeline's. With VQA_PREPROCESS_PROCESSES the decode and
+        the image part run in a process, whose CPU is added to the same totals.
+        """
         start = time.perf_counter()
         data = fetch_bytes(job.image_url, self.policy, s3_client=self.s3_client)
+        if self.pool is not None:
+            fetched = time.perf_counter()
+            part, decode_s, preprocess_s = self.pool.prepare_image(data, image_grid=job.image_grid)
+            self.cpu.add("decode", decode_s)
+            self.cpu.add("preprocess", preprocess_s)
+            timings["fetch"], timings["image"] = fetched - start, time.perf_counter() - fetched
+            return part
+        with self.cpu.measure("decode"):
+            image = decode_image(data, self.policy, image_grid=job.image_grid)
         fetched = time.perf_counter()
-        part, decode_s, preprocess_s = self.pool.prepare_image(data, image_grid=job.image_grid)
-        # The process's CPU, so the worker's decode and preprocess totals still hold all of it.
-        self.cpu.add("decode", decode_s)
-        self.cpu.add("preprocess", preprocess_s)
-        timings["fetch"], timings["image"] = fetched - start, time.perf_counter() - fetched
+        timings["fetch"] = fetched - start
+        if not isinstance(self.engine, ImageFirstEngine):
+            return image
+        with self.cpu.measure("preprocess"):
+            part = self.engine.prepare_image(image, image_grid=job.image_grid, source=data)
+        timings["image"] = time.perf_counter() - fetched
         return part
+
+    def _add_question(self, part: Any, job: Job) -> Any:
+        """The job's inputs from what :meth:`_load` gave."""
+        with self.cpu.measure("preprocess"):
+            if isinstance(self.engine, ImageFirstEngine):
+                return self.engine.prepare_question(part, job.question)
+            return self.engine.prepare(part, job.question, image_grid=job.image_grid)
 
     def _prepare_shared(self, job: Job, *, earlier: int) -> Prepared:
         assert self.images is not None
         split = isinstance(self.engine, ImageFirstEngine)
         timings: dict[str, float] = {}
-
-        def load() -> Any:
-            if self.pool is not None:
-                return self._pooled_part(job, timings)
-            start = time.perf_counter()
-            image, data = self._fetch(job)
-            timings["fetch"] = time.perf_counter() - start
-            if not split:
-                return image
-            fetched = time.perf_counter()
-            with self.cpu.measure("preprocess"):
-                part = self.engine.prepare_image(image, image_grid=job.image_grid, source=data)  # type: ignore[attr-defined]
-            timings["image"] = time.perf_counter() - fetched
-            return part
-
         start = time.perf_counter()
         # Preprocessed tiles, and a prescaled decode (VQA_IMAGE_PRESCALE), depend on the grid the
         # job runs with: only jobs of one effective grid share them (None, "full" and "2x1" on a
         # 2x1 worker are one image).
         grid = effective_grid(job.image_grid, self.image_grid)
         key = (job.image_url, grid) if split or self.policy.prescale is not None else job.image_url
-        shared, loaded = self.images.get(key, load)
+        shared, loaded = self.images.get(key, lambda: self._load(job, timings))
         # A job that shared the image reports its wait as its fetch, and no image preprocessing.
         got = time.perf_counter()
         fetch_s = timings["fetch"] if loaded else got - start
         image_s = timings.get("image", 0.0) if loaded else 0.0
-        with self.cpu.measure("preprocess"):
-            if split:
-                inputs = self.engine.prepare_question(shared.value, job.question)  # type: ignore[attr-defined]
-            else:
-                inputs = self.engine.prepare(shared.value, job.question, image_grid=job.image_grid)
+        inputs = self._add_question(shared.value, job)
         return Prepared(
             inputs=inputs,
             cost=self.engine.cost(inputs),
